@@ -1,0 +1,69 @@
+package idempotency
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"time"
+)
+
+// Store keeps one record per scoped idempotency key. It is the only state the
+// server interceptor has; every server sharing a store shares the
+// guarantee. Records are opaque bytes to the store; the interceptor encodes
+// and decodes them. Keys passed to a Store are fixed-length hashes (see
+// [StoreKey]), never the raw client key.
+//
+// Every method must be atomic with respect to the others on the same key.
+// Errors other than [ErrLeaseLost] mean the store failed; the interceptor
+// turns them into Unavailable (reason STORE_UNAVAILABLE) and does not run
+// the handler.
+//
+// [RedisStore] and [MemoryStore] implement it.
+type Store interface {
+	// Claim atomically claims key for a new execution, or returns what is
+	// stored under it. When key holds no record, Claim stores record with
+	// owner token and the lease, and returns Claimed true. Otherwise it
+	// returns the stored record (in progress or completed) and Claimed false,
+	// and changes nothing.
+	Claim(ctx context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error)
+
+	// Renew extends the lease of an in-progress key owned by token. It
+	// returns ErrLeaseLost if token no longer owns key.
+	Renew(ctx context.Context, key, token string, lease time.Duration) error
+
+	// Complete replaces the in-progress record owned by token with the final
+	// record, kept for ttl, and ends token's ownership. If another token owns
+	// the key it writes nothing and returns ErrLeaseLost. If the key is gone
+	// (the lease expired and nobody claimed it since) it stores the record
+	// anyway, since no other execution can exist, and returns nil.
+	Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error
+
+	// Release deletes the in-progress record owned by token, so the next
+	// call with the key runs the handler. It returns ErrLeaseLost, deleting
+	// nothing, if token does not own the key.
+	Release(ctx context.Context, key, token string) error
+}
+
+// ClaimResult is the answer of [Store.Claim].
+type ClaimResult struct {
+	// Claimed is true when the caller now owns the key.
+	Claimed bool
+	// Record is the stored record when Claimed is false.
+	Record []byte
+}
+
+// StoreKey returns the store key of an idempotency key: the hex SHA-256 of
+// the method, the scope and the client key, so its length
+// is bounded whatever the client sends, and two scopes or two methods never
+// share a record. Stores may prepend a namespace (see [WithKeyPrefix]).
+func StoreKey(fullMethod, scope, key string) string {
+	h := sha256.New()
+	for _, part := range []string{fullMethod, scope, key} {
+		var n [4]byte
+		l := len(part)
+		n[0], n[1], n[2], n[3] = byte(l>>24), byte(l>>16), byte(l>>8), byte(l)
+		h.Write(n[:])
+		h.Write([]byte(part))
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}

@@ -1,0 +1,188 @@
+package idempotency
+
+import (
+	"context"
+	"math/rand/v2"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/codes"
+)
+
+// ClientOption configures [UnaryClientInterceptor]. Server options are of the
+// separate type [Option], so the two cannot be mixed up.
+type ClientOption func(*clientOptions)
+
+// Defaults of the client interceptor, documented on the options that change
+// them.
+const (
+	defaultClientMaxAttempts = 5
+	defaultClientBackoffBase = 100 * time.Millisecond
+	defaultClientBackoffMax  = 2 * time.Second
+)
+
+type clientOptions struct {
+	header      string
+	maxAttempts int
+	backoffBase time.Duration
+	backoffMax  time.Duration
+	perAttempt  time.Duration
+	extraCodes  map[codes.Code]bool
+	covers      func(fullMethod string) bool
+	generateKey func() (string, error)
+	jitter      func(upTo time.Duration) time.Duration // uniform in [0, upTo]
+	sleep       func(ctx context.Context, d time.Duration) error
+}
+
+func evaluateClientOptions(opts []ClientOption) *clientOptions {
+	o := &clientOptions{
+		header:      DefaultKeyHeader,
+		maxAttempts: defaultClientMaxAttempts,
+		backoffBase: defaultClientBackoffBase,
+		backoffMax:  defaultClientBackoffMax,
+		covers:      clientDefaultCovers,
+		generateKey: NewKey,
+		jitter:      clientFullJitter,
+		sleep:       clientSleep,
+	}
+	for _, opt := range opts {
+		if opt != nil {
+			opt(o)
+		}
+	}
+	return o
+}
+
+// WithClientKeyHeader sets the request metadata key that carries the
+// idempotency key. It must match the server's [WithKeyHeader]. The name is
+// lower-cased, as gRPC requires. The default is [DefaultKeyHeader]; an empty
+// name keeps the default.
+func WithClientKeyHeader(name string) ClientOption {
+	return func(o *clientOptions) {
+		if name != "" {
+			o.header = strings.ToLower(name)
+		}
+	}
+}
+
+// WithMaxAttempts sets how many times a call is attempted in all, the first
+// attempt included, before the last error is returned. The default is 5;
+// values below 1 mean 1 (no retries), as does [WithoutRetries].
+func WithMaxAttempts(n int) ClientOption {
+	return func(o *clientOptions) {
+		o.maxAttempts = max(n, 1)
+	}
+}
+
+// WithoutRetries makes the interceptor attempt every call once: it still
+// attaches a key, so gRPC's own retryPolicy (service config) or another retry
+// interceptor placed after it can retry safely with that key. The default is
+// to retry (see [WithMaxAttempts]).
+func WithoutRetries() ClientOption {
+	return WithMaxAttempts(1)
+}
+
+// WithBackoff sets the exponential backoff between attempts: before retry n
+// (n = 1, 2, ...) the interceptor waits a uniformly random time between 0 and
+// min(maxDelay, base·2^(n-1)) ("full jitter"), but never less than a delay the
+// server asked for with google.rpc.RetryInfo. The defaults are 100ms and 2s.
+// A negative value keeps its default; base 0 retries at once unless the server
+// asked for a delay. maxDelay below base is raised to base.
+func WithBackoff(base, maxDelay time.Duration) ClientOption {
+	return func(o *clientOptions) {
+		if base >= 0 {
+			o.backoffBase = base
+		}
+		if maxDelay >= 0 {
+			o.backoffMax = maxDelay
+		}
+		o.backoffMax = max(o.backoffMax, o.backoffBase)
+	}
+}
+
+// WithPerAttemptTimeout bounds each attempt by d, within the caller's own
+// deadline. An attempt cut off by this timeout, while the caller's context is
+// still live, is retried with the same key: the server either finishes the
+// first execution and replays it, or answers "in progress". The default, 0,
+// sets no per-attempt timeout; each attempt then runs until the caller's
+// deadline.
+func WithPerAttemptTimeout(d time.Duration) ClientOption {
+	return func(o *clientOptions) {
+		o.perAttempt = max(d, 0)
+	}
+}
+
+// WithRetryCodes adds status codes to those the interceptor retries. By
+// default it retries only Unavailable, DeadlineExceeded caused by
+// [WithPerAttemptTimeout], and Aborted with reason [ReasonInProgress]. Errors
+// the server interceptor reports about the key itself ([ReasonKeyRequired],
+// [ReasonKeyInvalid], [ReasonKeyReused], and the other reasons except
+// [ReasonInProgress] and [ReasonStoreUnavailable]) are never retried, whatever
+// their code: the same key would get the same answer. A call whose own context
+// is done is never retried.
+func WithRetryCodes(c ...codes.Code) ClientOption {
+	return func(o *clientOptions) {
+		if len(c) == 0 {
+			return
+		}
+		m := make(map[codes.Code]bool, len(o.extraCodes)+len(c))
+		for k := range o.extraCodes {
+			m[k] = true
+		}
+		for _, k := range c {
+			m[k] = true
+		}
+		o.extraCodes = m
+	}
+}
+
+// WithClientMethods chooses the methods the interceptor covers (attaches a key
+// to and retries). covers receives the full method name, "/pkg.Service/Method".
+// By default the interceptor covers every method except those whose
+// descriptor, found in protoregistry.GlobalFiles, declares idempotency_level
+// NO_SIDE_EFFECTS or IDEMPOTENT and does not set the key_required option (see
+// proto/idempotency/v1); methods with no registered descriptor are covered. A
+// call whose context carries a key from [WithKey] is covered whatever covers
+// says. Methods not covered pass through untouched, with one attempt. A nil
+// covers keeps the default.
+func WithClientMethods(covers func(fullMethod string) bool) ClientOption {
+	return func(o *clientOptions) {
+		if covers != nil {
+			o.covers = covers
+		}
+	}
+}
+
+// WithKeyGenerator replaces the generator of keys for calls that bring no key
+// of their own. It is called once per logical call, never per attempt, and
+// must return a key that passes [ValidateKey] and is unique across calls, or
+// an error, which fails the call with code Internal before anything is sent.
+// The default is [NewKey]. A nil gen keeps the default.
+func WithKeyGenerator(gen func() (string, error)) ClientOption {
+	return func(o *clientOptions) {
+		if gen != nil {
+			o.generateKey = gen
+		}
+	}
+}
+
+func clientFullJitter(upTo time.Duration) time.Duration {
+	if upTo <= 0 {
+		return 0
+	}
+	return rand.N(upTo + 1)
+}
+
+func clientSleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

@@ -1,0 +1,132 @@
+package idempotency
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// ErrorDomain is the google.rpc.ErrorInfo domain of every error the
+// interceptors produce themselves.
+const ErrorDomain = "idempotency.grpc.io"
+
+// Reasons carried in the google.rpc.ErrorInfo of the errors the server
+// interceptor produces. They are part of the wire contract: clients may
+// branch on them (see [ReasonOf]).
+const (
+	// ReasonKeyRequired: the method requires an idempotency key and the call
+	// had none. Code InvalidArgument.
+	ReasonKeyRequired = "KEY_REQUIRED"
+	// ReasonKeyInvalid: the key is empty, too long, has bytes outside
+	// 0x21-0x7E, was sent more than once or as binary metadata. Code
+	// InvalidArgument.
+	ReasonKeyInvalid = "KEY_INVALID"
+	// ReasonKeyReused: the key is already bound to a different request (the
+	// fingerprints differ). Code FailedPrecondition.
+	ReasonKeyReused = "KEY_REUSED"
+	// ReasonInProgress: the first call with this key is still running. Code
+	// Aborted, with a google.rpc.RetryInfo delay.
+	ReasonInProgress = "KEY_IN_PROGRESS"
+	// ReasonAlreadyProcessed: reject-repeats mode ([WithRejectRepeats]) and the
+	// key was already processed; the stored outcome is attached. Code
+	// AlreadyExists.
+	ReasonAlreadyProcessed = "ALREADY_PROCESSED"
+	// ReasonResponseTooLarge: the call was executed but its outcome exceeded
+	// [WithMaxRecordSize], so it cannot be replayed. Code AlreadyExists.
+	ReasonResponseTooLarge = "RESPONSE_TOO_LARGE"
+	// ReasonStoreUnavailable: the store could not be reached or failed, and the
+	// handler was not run. Code Unavailable.
+	ReasonStoreUnavailable = "STORE_UNAVAILABLE"
+	// ReasonRecordCorrupt: the stored record could not be decoded or names a
+	// response type this server does not know. Code DataLoss.
+	ReasonRecordCorrupt = "RECORD_CORRUPT"
+	// ReasonScopeFailed: the scope function ([WithScope]) returned an error
+	// that was not a gRPC status. Code Internal.
+	ReasonScopeFailed = "SCOPE_FAILED"
+	// ReasonFingerprintFailed: the request could not be fingerprinted. Code
+	// Internal.
+	ReasonFingerprintFailed = "FINGERPRINT_FAILED"
+)
+
+// Sentinel errors of the package. Store implementations return
+// [ErrLeaseLost]; the others wrap the causes the interceptors turn into a
+// gRPC status.
+var (
+	// ErrInvalidKey is wrapped by errors from [ValidateKey].
+	ErrInvalidKey = errors.New("idempotency: invalid idempotency key")
+	// ErrLeaseLost is returned by [Store.Renew], [Store.Complete] and
+	// [Store.Release] when the caller's token no longer owns the key: the lease
+	// expired and another call claimed the key, or the key was completed or
+	// deleted. Nothing was written.
+	ErrLeaseLost = errors.New("idempotency: lease lost")
+	// ErrCorruptRecord is wrapped by errors decoding a stored record.
+	ErrCorruptRecord = errors.New("idempotency: corrupt record")
+)
+
+// ReasonOf returns the google.rpc.ErrorInfo reason of err when err is a gRPC
+// status produced by this package (domain [ErrorDomain]), and "" otherwise.
+func ReasonOf(err error) string {
+	st, ok := status.FromError(err)
+	if !ok || st == nil {
+		return ""
+	}
+	for _, d := range st.Details() {
+		if info, ok := d.(*errdetails.ErrorInfo); ok && info.GetDomain() == ErrorDomain {
+			return info.GetReason()
+		}
+	}
+	return ""
+}
+
+// RetryDelayOf returns the google.rpc.RetryInfo delay carried by err, if any.
+func RetryDelayOf(err error) (time.Duration, bool) {
+	st, ok := status.FromError(err)
+	if !ok || st == nil {
+		return 0, false
+	}
+	for _, d := range st.Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok && ri.GetRetryDelay() != nil {
+			return ri.GetRetryDelay().AsDuration(), true
+		}
+	}
+	return 0, false
+}
+
+// newStatus builds the status of an error produced by the interceptor: the
+// code, a message, an ErrorInfo with reason and metadata, and extra details.
+func newStatus(c codes.Code, reason string, meta map[string]string, msg string, extra ...proto.Message) error {
+	st := status.New(c, "idempotency: "+msg)
+	details := make([]*anypb.Any, 0, 1+len(extra))
+	for _, d := range append([]proto.Message{&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain, Metadata: meta}}, extra...) {
+		a, err := anypb.New(d)
+		if err != nil {
+			return st.Err()
+		}
+		details = append(details, a)
+	}
+	p := st.Proto()
+	p.Details = details
+	return status.FromProto(p).Err()
+}
+
+func retryInfo(d time.Duration) *errdetails.RetryInfo {
+	return &errdetails.RetryInfo{RetryDelay: durationpb.New(d)}
+}
+
+func errKeyRequired(method, header string) error {
+	return newStatus(codes.InvalidArgument, ReasonKeyRequired,
+		map[string]string{"method": method, "header": header},
+		fmt.Sprintf("method %s requires an idempotency key in the %q request metadata", method, header))
+}
+
+func errKeyInvalid(method, header string, cause error) error {
+	return newStatus(codes.InvalidArgument, ReasonKeyInvalid,
+		map[string]string{"method": method, "header": header}, cause.Error())
+}

@@ -1,0 +1,449 @@
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// UnaryServerInterceptor returns a server interceptor that runs each keyed
+// call once per key and answers every repeat with the stored outcome.
+//
+// The protocol, per call with a valid key:
+//
+//  1. Claim the scoped key in store (one round trip). If it was free, the
+//     call owns it under a lease, renewed while the handler runs.
+//  2. Otherwise the claim returned the stored record: a different request
+//     fingerprint is refused (FailedPrecondition, KEY_REUSED); a running first
+//     call is reported (Aborted, KEY_IN_PROGRESS, with RetryInfo) or waited
+//     for ([WithWaitForInProgress]); a completed one is replayed: the
+//     response or error status, the header and trailer metadata, plus the
+//     header "idempotency-replayed: true".
+//  3. The owner runs the handler and stores its outcome (second round trip)
+//     with the TTL, or releases the key when the code is transient (see
+//     [DefaultStoredCode]) or the handler panics.
+//
+// Calls without a key pass through unless the method requires one (see
+// [KeyPolicy]). Store failures fail closed (Unavailable, STORE_UNAVAILABLE).
+// Every error the interceptor produces carries a google.rpc.ErrorInfo with
+// domain [ErrorDomain].
+func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
+	s := &server{store: store, o: evaluateOptions(opts)}
+	s.policies.override = s.o.policy
+	return s.intercept
+}
+
+type server struct {
+	store    Store
+	o        *options
+	policies policyCache
+}
+
+// call is the state of one keyed call.
+type call struct {
+	method   string
+	key      string
+	storeKey string
+	fp       []byte
+	token    string
+	ev       Event
+}
+
+func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	policy := s.policies.get(info.FullMethod)
+	if policy == KeyIgnored {
+		return handler(ctx, req)
+	}
+	c := &call{method: info.FullMethod, ev: Event{Method: info.FullMethod}}
+	key, present, err := s.extractKey(ctx, req)
+	if err != nil {
+		return nil, s.fail(ctx, c, OutcomeKeyInvalid, errKeyInvalid(c.method, s.keySource(), err), nil)
+	}
+	if !present {
+		if policy == KeyRequired {
+			return nil, s.fail(ctx, c, OutcomeKeyMissing, errKeyRequired(c.method, s.keySource()), nil)
+		}
+		c.ev.Outcome = OutcomePassThrough
+		resp, err := handler(ctx, req)
+		c.ev.Code = status.Code(err)
+		s.emit(ctx, c.ev)
+		return resp, err
+	}
+	c.key = key
+
+	var scope string
+	if s.o.scope != nil {
+		if scope, err = s.o.scope(ctx); err != nil {
+			if _, ok := status.FromError(err); !ok {
+				err = newStatus(codes.Internal, ReasonScopeFailed, map[string]string{"method": c.method}, "cannot determine the caller scope")
+			}
+			return nil, s.fail(ctx, c, OutcomeRejected, err, nil)
+		}
+	}
+	c.storeKey = StoreKey(c.method, scope, key)
+	c.ev.KeyHash = keyHash(c.storeKey)
+	if c.fp, err = s.o.fingerprint(c.method, req); err != nil {
+		return nil, s.fail(ctx, c, OutcomeRejected, newStatus(codes.Internal, ReasonFingerprintFailed,
+			map[string]string{"method": c.method}, "cannot fingerprint the request"), err)
+	}
+	c.token = newToken()
+	return s.claim(ctx, c, req, handler)
+}
+
+// claim claims the key and either executes the handler or answers from the
+// stored record. It loops only when waiting for a running first call.
+func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (any, error) {
+	inProgress, err := proto.Marshal(&idempotencyv1.Record{
+		Version:     recordVersion,
+		State:       idempotencyv1.Record_STATE_IN_PROGRESS,
+		Fingerprint: c.fp,
+		Method:      c.method,
+		CreateTime:  timestamppb.New(s.o.now()),
+	})
+	if err != nil {
+		return nil, s.fail(ctx, c, OutcomeRejected, status.Error(codes.Internal, "idempotency: encode record"), err)
+	}
+	wait := s.o.pollInterval
+	for {
+		start := time.Now()
+		res, err := s.store.Claim(ctx, c.storeKey, c.token, inProgress, s.o.lease)
+		c.ev.StoreLatency += time.Since(start)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, s.fail(ctx, c, OutcomeStoreUnavailable, status.FromContextError(ctx.Err()).Err(), err)
+			}
+			if s.o.failOpen {
+				c.ev.Outcome, c.ev.Err = OutcomeFailOpen, err
+				resp, herr := handler(contextWithServerKey(ctx, c.key), req)
+				c.ev.Code = status.Code(herr)
+				s.emit(ctx, c.ev)
+				return resp, herr
+			}
+			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, newStatus(codes.Unavailable, ReasonStoreUnavailable,
+				map[string]string{"method": c.method}, "the idempotency store is unavailable; the call was not executed"), err)
+		}
+		if res.Claimed {
+			return s.execute(ctx, c, req, handler)
+		}
+		rec, err := decodeRecord(res.Record)
+		if err == nil && rec.GetMethod() != c.method {
+			err = fmt.Errorf("%w: record of method %q", ErrCorruptRecord, rec.GetMethod())
+		}
+		if err != nil {
+			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
+		}
+		if !bytes.Equal(rec.GetFingerprint(), c.fp) {
+			return nil, s.fail(ctx, c, OutcomeKeyReused, newStatus(codes.FailedPrecondition, ReasonKeyReused,
+				map[string]string{"method": c.method},
+				"the idempotency key was already used for a different request; use a new key for a new request"), nil)
+		}
+		switch rec.GetState() {
+		case idempotencyv1.Record_STATE_COMPLETED:
+			return s.replay(ctx, c, rec)
+		case idempotencyv1.Record_STATE_TOO_LARGE:
+			return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, newStatus(codes.AlreadyExists, ReasonResponseTooLarge,
+				map[string]string{"method": c.method, "response_size": strconv.FormatInt(rec.GetResponseSize(), 10)},
+				fmt.Sprintf("the call with this idempotency key was executed, but its outcome (%d bytes) was too large to store and cannot be replayed", rec.GetResponseSize())), nil)
+		}
+		// In progress.
+		if !s.o.waitInProgress {
+			return nil, s.fail(ctx, c, OutcomeInProgress, newStatus(codes.Aborted, ReasonInProgress,
+				map[string]string{"method": c.method},
+				"a call with this idempotency key is still in progress; retry later", retryInfo(s.o.retryDelay)), nil)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, s.fail(ctx, c, OutcomeInProgress, status.FromContextError(ctx.Err()).Err(), nil)
+		case <-t.C:
+		}
+		if wait < 16*s.o.pollInterval {
+			wait *= 2
+		}
+	}
+}
+
+// execute runs the handler as the key's owner and stores or releases its
+// outcome.
+func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (resp any, err error) {
+	hctx := contextWithServerKey(ctx, c.key)
+	var cs *capturingStream
+	if st := grpc.ServerTransportStreamFromContext(ctx); st != nil {
+		cs = &capturingStream{ServerTransportStream: st}
+		hctx = grpc.NewContextWithServerTransportStream(hctx, cs)
+	}
+	stopRenewal := s.renew(c)
+	panicked := true
+	defer func() {
+		if panicked {
+			stopRenewal()
+			c.ev.Outcome, c.ev.Code = OutcomePanicked, codes.Internal
+			c.ev.Err = s.finish(ctx, c, nil)
+			s.emit(ctx, c.ev)
+		}
+	}()
+	resp, err = handler(hctx, req)
+	panicked = false
+	leaseLost := stopRenewal()
+
+	st := status.Convert(err)
+	c.ev.Code = st.Code()
+	if !s.o.storeOutcome(st.Code()) {
+		c.ev.Outcome = OutcomeReleased
+		if ferr := s.finish(ctx, c, nil); ferr != nil {
+			c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
+		}
+		s.emit(ctx, c.ev)
+		return resp, err
+	}
+	var header, trailer metadata.MD
+	if cs != nil {
+		header, trailer = cs.captured()
+	}
+	rec, outcome, rerr := s.finalRecord(c, resp, st, header, trailer)
+	if rerr != nil {
+		// The outcome cannot be stored (e.g. a non-protobuf response): free
+		// the key rather than leave it stuck in progress.
+		c.ev.Outcome, c.ev.Err = OutcomeNotStored, rerr
+		_ = s.finish(ctx, c, nil)
+		s.emit(ctx, c.ev)
+		return resp, err
+	}
+	c.ev.Outcome = outcome
+	if ferr := s.finish(ctx, c, rec); ferr != nil {
+		c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
+	} else if leaseLost {
+		c.ev.Err = errors.New("idempotency: lease renewal failed during the call, but the outcome was stored")
+	}
+	s.emit(ctx, c.ev)
+	return resp, err
+}
+
+func outcomeOfStoreErr(err error) Outcome {
+	if errors.Is(err, ErrLeaseLost) {
+		return OutcomeLeaseLost
+	}
+	return OutcomeNotStored
+}
+
+// finish completes the key with rec, or releases it when rec is nil. It
+// does not use the request's cancellation: a client that went away must not
+// cost the outcome.
+func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
+	defer cancel()
+	start := time.Now()
+	defer func() { c.ev.StoreLatency += time.Since(start) }()
+	if rec == nil {
+		return s.store.Release(fctx, c.storeKey, c.token)
+	}
+	return s.store.Complete(fctx, c.storeKey, c.token, rec, s.o.ttl)
+}
+
+// finalRecord encodes the outcome of the handler, or a too-large marker when
+// it exceeds the size limit.
+func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trailer metadata.MD) ([]byte, Outcome, error) {
+	now := s.o.now()
+	rec := &idempotencyv1.Record{
+		Version:      recordVersion,
+		State:        idempotencyv1.Record_STATE_COMPLETED,
+		Fingerprint:  c.fp,
+		Method:       c.method,
+		Header:       mdToEntries(header),
+		Trailer:      mdToEntries(trailer),
+		CompleteTime: timestamppb.New(now),
+	}
+	sp := st.Proto()
+	rec.Status = &idempotencyv1.Status{Code: sp.GetCode(), Message: sp.GetMessage(), Details: sp.GetDetails()}
+	if st.Code() == codes.OK {
+		m, ok := resp.(proto.Message)
+		if !ok {
+			return nil, "", fmt.Errorf("idempotency: response of type %T is not a protobuf message", resp)
+		}
+		b, err := deterministic.Marshal(m)
+		if err != nil {
+			return nil, "", fmt.Errorf("idempotency: encode response: %w", err)
+		}
+		rec.Response = b
+		rec.ResponseType = string(m.ProtoReflect().Descriptor().FullName())
+	}
+	b, err := proto.Marshal(rec)
+	if err != nil {
+		return nil, "", fmt.Errorf("idempotency: encode record: %w", err)
+	}
+	if len(b) <= s.o.maxRecordSize {
+		return b, OutcomeExecuted, nil
+	}
+	b, err = proto.Marshal(&idempotencyv1.Record{
+		Version:      recordVersion,
+		State:        idempotencyv1.Record_STATE_TOO_LARGE,
+		Fingerprint:  c.fp,
+		Method:       c.method,
+		ResponseSize: int64(len(b)),
+		CompleteTime: timestamppb.New(now),
+	})
+	return b, OutcomeTooLarge, err
+}
+
+// replay answers a repeat from a completed record.
+func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record) (any, error) {
+	sp := &spb.Status{Code: rec.GetStatus().GetCode(), Message: rec.GetStatus().GetMessage(), Details: rec.GetStatus().GetDetails()}
+	if s.o.rejectRepeats {
+		var detail *anypb.Any
+		if sp.Code == int32(codes.OK) {
+			detail = &anypb.Any{TypeUrl: "type.googleapis.com/" + rec.GetResponseType(), Value: rec.GetResponse()}
+		} else if a, err := anypb.New(sp); err == nil {
+			detail = a
+		}
+		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, newStatus(codes.AlreadyExists, ReasonAlreadyProcessed,
+			map[string]string{"method": c.method},
+			"the call with this idempotency key was already processed; its outcome is attached", detail), nil)
+	}
+	var resp proto.Message
+	if sp.Code == int32(codes.OK) {
+		mt, err := s.messageType(c.method, rec.GetResponseType())
+		if err != nil {
+			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
+		}
+		resp = mt.New().Interface()
+		if err := proto.Unmarshal(rec.GetResponse(), resp); err != nil {
+			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), fmt.Errorf("%w: response: %v", ErrCorruptRecord, err))
+		}
+	}
+	header := entriesToMD(rec.GetHeader())
+	header.Append(ReplayedHeader, "true")
+	// The stream is absent only when the interceptor is called outside a
+	// gRPC server (unit tests); the replay itself is still correct.
+	_ = grpc.SetHeader(ctx, header)
+	if len(rec.GetTrailer()) > 0 {
+		_ = grpc.SetTrailer(ctx, entriesToMD(rec.GetTrailer()))
+	}
+	c.ev.Outcome, c.ev.Code = OutcomeReplayed, codes.Code(sp.Code)
+	s.emit(ctx, c.ev)
+	if sp.Code != int32(codes.OK) {
+		return nil, status.FromProto(sp).Err()
+	}
+	return resp, nil
+}
+
+// messageType resolves the stored response type, which must be the
+// method's output type when the method is registered.
+func (s *server) messageType(method, stored string) (protoreflect.MessageType, error) {
+	if mt := responseType(method); mt != nil {
+		if string(mt.Descriptor().FullName()) != stored {
+			return nil, fmt.Errorf("%w: response type %q, method returns %q", ErrCorruptRecord, stored, mt.Descriptor().FullName())
+		}
+		return mt, nil
+	}
+	mt, err := protoregistry.GlobalTypes.FindMessageByName(protoreflect.FullName(stored))
+	if err != nil {
+		return nil, fmt.Errorf("%w: unknown response type %q", ErrCorruptRecord, stored)
+	}
+	return mt, nil
+}
+
+// renew keeps the lease of c alive until the returned stop is called. stop
+// reports whether the lease was found lost.
+func (s *server) renew(c *call) (stop func() (lost bool)) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	var lost bool
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		every := s.o.lease / 3
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			rctx, cancel := context.WithTimeout(context.Background(), every)
+			err := s.store.Renew(rctx, c.storeKey, c.token, s.o.lease)
+			cancel()
+			if errors.Is(err, ErrLeaseLost) {
+				lost = true
+				return
+			}
+			// Other errors are retried on the next tick: the lease still has
+			// two thirds of its length to run.
+		}
+	}()
+	var once sync.Once
+	return func() bool {
+		once.Do(func() { close(done); wg.Wait() })
+		return lost
+	}
+}
+
+func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause error) error {
+	c.ev.Outcome, c.ev.Code, c.ev.Err = o, status.Code(err), cause
+	s.emit(ctx, c.ev)
+	return err
+}
+
+// extractKey returns the call's key from the metadata, or from the request
+// field set with WithKeyField.
+func (s *server) extractKey(ctx context.Context, req any) (string, bool, error) {
+	if s.o.keyField == "" {
+		md, _ := metadata.FromIncomingContext(ctx)
+		return keyFromMetadata(md, s.o.keyHeader)
+	}
+	m, ok := req.(proto.Message)
+	if !ok {
+		return "", false, nil
+	}
+	fd := m.ProtoReflect().Descriptor().Fields().ByName(protoreflect.Name(s.o.keyField))
+	if fd == nil || fd.Kind() != protoreflect.StringKind || fd.IsList() {
+		return "", false, nil
+	}
+	v := m.ProtoReflect().Get(fd).String()
+	if v == "" {
+		return "", false, nil
+	}
+	if err := ValidateKey(v); err != nil {
+		return "", true, err
+	}
+	return v, true, nil
+}
+
+func (s *server) keySource() string {
+	if s.o.keyField != "" {
+		return "request field " + s.o.keyField
+	}
+	return s.o.keyHeader
+}
+
+func errCorrupt(method string) error {
+	return newStatus(codes.DataLoss, ReasonRecordCorrupt, map[string]string{"method": method},
+		"the stored record for this idempotency key cannot be read; the call was not executed")
+}
+
+// newToken returns a random owner token for a claim: only the holder of the
+// token may renew, complete or release the key.
+func newToken() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}

@@ -1,0 +1,121 @@
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"sync"
+	"time"
+)
+
+// MemoryStore is a [Store] in process memory: goroutine-safe, with TTLs and
+// leases honoured. It suits tests and single-process servers; records do not
+// survive a restart and are not shared between processes, so a fleet of
+// servers needs [RedisStore].
+type MemoryStore struct {
+	mu      sync.Mutex
+	now     func() time.Time
+	entries map[string]*memEntry
+	writes  int
+}
+
+type memEntry struct {
+	token   string // owner while in progress; "" once completed
+	record  []byte
+	expires time.Time
+}
+
+// NewMemoryStore returns an empty in-memory store.
+func NewMemoryStore() *MemoryStore {
+	return &MemoryStore{now: time.Now, entries: make(map[string]*memEntry)}
+}
+
+// live returns the unexpired entry of key, dropping an expired one. Callers
+// hold s.mu.
+func (s *MemoryStore) live(key string) *memEntry {
+	e, ok := s.entries[key]
+	if !ok {
+		return nil
+	}
+	if !s.now().Before(e.expires) {
+		delete(s.entries, key)
+		return nil
+	}
+	return e
+}
+
+// sweep drops expired entries every 1024 writes, so memory stays bounded by
+// the live records. Callers hold s.mu.
+func (s *MemoryStore) sweep() {
+	s.writes++
+	if s.writes%1024 != 0 {
+		return
+	}
+	now := s.now()
+	for k, e := range s.entries {
+		if !now.Before(e.expires) {
+			delete(s.entries, k)
+		}
+	}
+}
+
+// Claim implements [Store.Claim].
+func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.live(key); e != nil {
+		return ClaimResult{Record: e.record}, nil
+	}
+	s.sweep()
+	s.entries[key] = &memEntry{token: token, record: bytes.Clone(record), expires: s.now().Add(lease)}
+	return ClaimResult{Claimed: true}, nil
+}
+
+// Renew implements [Store.Renew].
+func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Duration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.live(key)
+	if e == nil || e.token != token {
+		return ErrLeaseLost
+	}
+	e.expires = s.now().Add(lease)
+	return nil
+}
+
+// Complete implements [Store.Complete].
+func (s *MemoryStore) Complete(_ context.Context, key, token string, record []byte, ttl time.Duration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.live(key); e != nil && e.token != token {
+		return ErrLeaseLost
+	}
+	s.sweep()
+	s.entries[key] = &memEntry{record: bytes.Clone(record), expires: s.now().Add(ttl)}
+	return nil
+}
+
+// Release implements [Store.Release].
+func (s *MemoryStore) Release(_ context.Context, key, token string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.live(key)
+	if e == nil || e.token != token {
+		return ErrLeaseLost
+	}
+	delete(s.entries, key)
+	return nil
+}
+
+// Len returns the number of unexpired records.
+func (s *MemoryStore) Len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	now := s.now()
+	for _, e := range s.entries {
+		if now.Before(e.expires) {
+			n++
+		}
+	}
+	return n
+}

@@ -1,0 +1,91 @@
+package idempotency
+
+import (
+	"context"
+	"fmt"
+
+	"google.golang.org/grpc/metadata"
+)
+
+const (
+	// DefaultKeyHeader is the request metadata key that carries the
+	// idempotency key, unless changed with [WithKeyHeader] or
+	// [WithClientKeyHeader].
+	DefaultKeyHeader = "idempotency-key"
+
+	// ReplayedHeader is the response header the server interceptor adds, with
+	// the value "true", to every answer it replays from the store instead of
+	// running the handler. A first execution never carries it.
+	ReplayedHeader = "idempotency-replayed"
+
+	// MaxKeyLength is the longest valid idempotency key, in bytes.
+	MaxKeyLength = 255
+)
+
+// ValidateKey reports whether key is a valid idempotency key: 1 to
+// [MaxKeyLength] bytes of visible ASCII (0x21 to 0x7E). Spaces, control
+// characters and non-ASCII bytes are refused. The error says what is wrong
+// without echoing the key.
+func ValidateKey(key string) error {
+	if len(key) == 0 {
+		return fmt.Errorf("%w: the key is empty", ErrInvalidKey)
+	}
+	if len(key) > MaxKeyLength {
+		return fmt.Errorf("%w: the key is %d bytes long, the limit is %d", ErrInvalidKey, len(key), MaxKeyLength)
+	}
+	for i := 0; i < len(key); i++ {
+		if c := key[i]; c < 0x21 || c > 0x7e {
+			return fmt.Errorf("%w: byte %d is 0x%02x, only visible ASCII (0x21-0x7E) is allowed", ErrInvalidKey, i, c)
+		}
+	}
+	return nil
+}
+
+// keyFromMetadata returns the key carried in header of md. present is false
+// when the header is absent. More than one value, or a value that fails
+// [ValidateKey], is an error wrapping [ErrInvalidKey].
+func keyFromMetadata(md metadata.MD, header string) (key string, present bool, err error) {
+	vals := md.Get(header)
+	switch len(vals) {
+	case 0:
+		if len(md.Get(header+"-bin")) > 0 {
+			return "", true, fmt.Errorf("%w: the key must be sent as %q, not as binary metadata %q", ErrInvalidKey, header, header+"-bin")
+		}
+		return "", false, nil
+	case 1:
+	default:
+		return "", true, fmt.Errorf("%w: %d values for %q, want exactly one", ErrInvalidKey, len(vals), header)
+	}
+	if err := ValidateKey(vals[0]); err != nil {
+		return "", true, err
+	}
+	return vals[0], true, nil
+}
+
+type serverKeyCtxKey struct{}
+
+// KeyFromContext returns the idempotency key of the call being handled, as
+// the client sent it, and whether there is one. It is set by
+// [UnaryServerInterceptor] on the context passed to the handler, so a handler
+// can pass the key on to a downstream provider (for example as a payment
+// provider's own idempotency key).
+func KeyFromContext(ctx context.Context) (string, bool) {
+	k, ok := ctx.Value(serverKeyCtxKey{}).(string)
+	return k, ok
+}
+
+func contextWithServerKey(ctx context.Context, key string) context.Context {
+	return context.WithValue(ctx, serverKeyCtxKey{}, key)
+}
+
+// Replayed reports whether a response header, as returned by the
+// grpc.Header call option, marks the response as a replay of a stored
+// outcome rather than a fresh execution.
+func Replayed(header metadata.MD) bool {
+	for _, v := range header.Get(ReplayedHeader) {
+		if v == "true" {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,106 @@
+package idempotency
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc/codes"
+)
+
+// Outcome names what the server interceptor did with one call.
+type Outcome string
+
+// Outcomes reported in [Event.Outcome].
+const (
+	// OutcomePassThrough: no key on a method where it is optional; the
+	// handler ran unprotected.
+	OutcomePassThrough Outcome = "pass_through"
+	// OutcomeExecuted: the key was claimed, the handler ran and its outcome
+	// was stored.
+	OutcomeExecuted Outcome = "executed"
+	// OutcomeReleased: the handler ran and ended with a code that is not
+	// stored (see [WithStoredCodes]); the key was released for a retry.
+	OutcomeReleased Outcome = "released"
+	// OutcomePanicked: the handler panicked; the key was released and the
+	// panic propagated.
+	OutcomePanicked Outcome = "panicked"
+	// OutcomeTooLarge: the handler ran but its outcome exceeded
+	// [WithMaxRecordSize]; it was recorded as too large.
+	OutcomeTooLarge Outcome = "too_large"
+	// OutcomeLeaseLost: the handler ran but another call owned the key when
+	// its outcome was to be stored; nothing was overwritten. The caller still
+	// got the handler's answer.
+	OutcomeLeaseLost Outcome = "lease_lost"
+	// OutcomeNotStored: the handler ran but storing (or releasing) its
+	// outcome failed; the key stays in progress until its lease ends.
+	OutcomeNotStored Outcome = "not_stored"
+	// OutcomeReplayed: a repeat was answered with the stored outcome.
+	OutcomeReplayed Outcome = "replayed"
+	// OutcomeAlreadyProcessed: reject-repeats mode refused a repeat
+	// (AlreadyExists), or a repeat met a too-large record.
+	OutcomeAlreadyProcessed Outcome = "already_processed"
+	// OutcomeKeyReused: a repeat carried a different request (FailedPrecondition).
+	OutcomeKeyReused Outcome = "key_reused"
+	// OutcomeInProgress: a repeat met a running first call (Aborted).
+	OutcomeInProgress Outcome = "in_progress"
+	// OutcomeKeyMissing: the method requires a key and there was none.
+	OutcomeKeyMissing Outcome = "key_missing"
+	// OutcomeKeyInvalid: the key was malformed.
+	OutcomeKeyInvalid Outcome = "key_invalid"
+	// OutcomeStoreUnavailable: the store failed before the handler could be
+	// claimed (Unavailable); the handler did not run.
+	OutcomeStoreUnavailable Outcome = "store_unavailable"
+	// OutcomeFailOpen: the store failed and [WithFailOpen] ran the handler
+	// unprotected.
+	OutcomeFailOpen Outcome = "fail_open"
+	// OutcomeRecordCorrupt: the stored record could not be read (DataLoss).
+	OutcomeRecordCorrupt Outcome = "record_corrupt"
+	// OutcomeRejected: the scope or fingerprint function failed.
+	OutcomeRejected Outcome = "rejected"
+)
+
+// Event describes how the server interceptor handled one call. It is passed
+// to the observer set with [WithObserver].
+type Event struct {
+	// Method is the full gRPC method name.
+	Method string
+	// Outcome is what the interceptor did.
+	Outcome Outcome
+	// KeyHash is a short, non-reversible hash of the scoped key, safe to log
+	// ("" when the call had no valid key).
+	KeyHash string
+	// Code is the gRPC code the caller received.
+	Code codes.Code
+	// StoreLatency is the time spent in store calls on the request path
+	// (claim, and complete or release).
+	StoreLatency time.Duration
+	// Err is the store or internal error behind the outcome, if any.
+	Err error
+}
+
+// keyHash is the short hash of a store key used in logs and events.
+func keyHash(storeKey string) string {
+	if storeKey == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(storeKey))
+	return hex.EncodeToString(sum[:6])
+}
+
+func (s *server) emit(ctx context.Context, e Event) {
+	if s.o.observer != nil {
+		s.o.observer(ctx, e)
+	}
+	if s.o.logger == nil {
+		return
+	}
+	switch e.Outcome {
+	case OutcomeLeaseLost, OutcomeNotStored, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:
+		s.o.logger.LogAttrs(ctx, slog.LevelWarn, "idempotency: "+string(e.Outcome),
+			slog.String("method", e.Method), slog.String("key_hash", e.KeyHash),
+			slog.String("code", e.Code.String()), slog.Any("error", e.Err))
+	}
+}

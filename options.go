@@ -1,0 +1,301 @@
+package idempotency
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"google.golang.org/grpc/codes"
+)
+
+// Option configures [UnaryServerInterceptor].
+type Option func(*options)
+
+// Defaults of the server interceptor.
+const (
+	DefaultTTL             = 24 * time.Hour
+	DefaultLease           = 30 * time.Second
+	DefaultRetryDelay      = time.Second
+	DefaultMaxRecordSize   = 1 << 20
+	DefaultCompleteTimeout = 5 * time.Second
+)
+
+// KeyPolicy says how the server interceptor treats a method.
+type KeyPolicy int
+
+const (
+	// KeyOptional: a call with a key is handled once per key; a call without
+	// one passes straight through. The default for methods that declare
+	// nothing.
+	KeyOptional KeyPolicy = iota
+	// KeyRequired: a call without a key fails with InvalidArgument (reason
+	// KEY_REQUIRED). The default for methods declared with the
+	// `(idempotency.v1.method) = {key_required: true}` option.
+	KeyRequired
+	// KeyIgnored: the interceptor never intervenes, key or not. The default
+	// for methods declared `idempotency_level = NO_SIDE_EFFECTS` or
+	// `IDEMPOTENT`.
+	KeyIgnored
+)
+
+func (p KeyPolicy) String() string {
+	switch p {
+	case KeyOptional:
+		return "optional"
+	case KeyRequired:
+		return "required"
+	case KeyIgnored:
+		return "ignored"
+	}
+	return "unknown"
+}
+
+type options struct {
+	keyHeader       string
+	keyField        string
+	ttl             time.Duration
+	lease           time.Duration
+	retryDelay      time.Duration
+	waitInProgress  bool
+	pollInterval    time.Duration
+	rejectRepeats   bool
+	failOpen        bool
+	maxRecordSize   int
+	completeTimeout time.Duration
+	scope           func(context.Context) (string, error)
+	fingerprint     FingerprintFunc
+	storeOutcome    func(codes.Code) bool
+	policy          func(fullMethod string, declared KeyPolicy) KeyPolicy
+	logger          *slog.Logger
+	observer        func(context.Context, Event)
+	now             func() time.Time
+}
+
+func evaluateOptions(opts []Option) *options {
+	o := &options{
+		keyHeader:       DefaultKeyHeader,
+		ttl:             DefaultTTL,
+		lease:           DefaultLease,
+		retryDelay:      DefaultRetryDelay,
+		pollInterval:    50 * time.Millisecond,
+		maxRecordSize:   DefaultMaxRecordSize,
+		completeTimeout: DefaultCompleteTimeout,
+		fingerprint:     DefaultFingerprint,
+		storeOutcome:    DefaultStoredCode,
+		now:             time.Now,
+	}
+	for _, opt := range opts {
+		opt(o)
+	}
+	return o
+}
+
+// WithKeyHeader sets the request metadata key that carries the idempotency
+// key. It must be lower case. Default [DefaultKeyHeader]
+// ("idempotency-key").
+func WithKeyHeader(name string) Option {
+	return func(o *options) { o.keyHeader = name }
+}
+
+// WithKeyField takes the key from a string field of the request message
+// instead of the metadata, for APIs that follow Google AIP-155 and carry a
+// `request_id` field. field is the protobuf field name. A request without the
+// field, or with it empty, counts as a call without a key; the metadata is
+// not consulted. Default: unset (the key comes from the metadata).
+func WithKeyField(field string) Option {
+	return func(o *options) { o.keyField = field }
+}
+
+// WithTTL sets how long a completed outcome is kept and replayed. Repeats
+// after it expires run the handler again. Default [DefaultTTL] (24h).
+func WithTTL(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.ttl = d
+		}
+	}
+}
+
+// WithLease sets the lease of an in-progress key. The interceptor renews it
+// every third of its length while the handler runs, so a slow handler keeps
+// its key; if the server dies, the key frees itself when the lease ends and a
+// retry runs the handler again. Default [DefaultLease] (30s).
+func WithLease(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.lease = d
+		}
+	}
+}
+
+// WithRetryDelay sets the google.rpc.RetryInfo delay sent with the Aborted
+// (KEY_IN_PROGRESS) answer to a repeat that arrives while the first call is
+// still running. Default [DefaultRetryDelay] (1s).
+func WithRetryDelay(d time.Duration) Option {
+	return func(o *options) { o.retryDelay = d }
+}
+
+// WithWaitForInProgress makes a repeat that meets a running first call wait
+// for it to finish, polling the store every pollInterval, and then answer
+// with the replay, instead of failing at once with Aborted. The wait is
+// bounded by the caller's deadline; if the first call releases the key (a
+// transient error, a panic, an expired lease) the waiter claims it and runs
+// the handler itself. Default: off (answer Aborted at once).
+func WithWaitForInProgress(pollInterval time.Duration) Option {
+	return func(o *options) {
+		o.waitInProgress = true
+		if pollInterval > 0 {
+			o.pollInterval = pollInterval
+		}
+	}
+}
+
+// WithRejectRepeats answers every repeat of a processed key with
+// AlreadyExists (reason ALREADY_PROCESSED) instead of the replay. The stored
+// outcome is attached as a status detail: the response message, or the
+// stored error as a google.rpc.Status. Default: off (replay).
+func WithRejectRepeats() Option {
+	return func(o *options) { o.rejectRepeats = true }
+}
+
+// WithFailOpen runs the handler without protection when the store fails,
+// instead of answering Unavailable. UNSAFE: during a store outage every retry
+// runs the handler again, which for payments means double charges. Default:
+// off (fail closed).
+func WithFailOpen() Option {
+	return func(o *options) { o.failOpen = true }
+}
+
+// WithMaxRecordSize sets the largest stored outcome, in bytes (the encoded
+// record: response, status, metadata). A larger outcome is recorded as too
+// large: the caller gets its response, and repeats get AlreadyExists (reason
+// RESPONSE_TOO_LARGE) rather than a second execution. Default
+// [DefaultMaxRecordSize] (1 MiB).
+func WithMaxRecordSize(n int) Option {
+	return func(o *options) {
+		if n > 0 {
+			o.maxRecordSize = n
+		}
+	}
+}
+
+// WithCompleteTimeout bounds the write of the outcome (or the release of the
+// key) after the handler returns. That write does not use the request's
+// context, so a client that goes away does not lose the outcome. Default
+// [DefaultCompleteTimeout] (5s).
+func WithCompleteTimeout(d time.Duration) Option {
+	return func(o *options) {
+		if d > 0 {
+			o.completeTimeout = d
+		}
+	}
+}
+
+// WithScope scopes keys to the caller, typically the authenticated principal
+// set by an earlier authentication interceptor: the same key sent by two
+// scopes names two independent records, so one caller can never receive
+// another's stored response. A multi-tenant server must set it. An error
+// that is a gRPC status is returned to the caller as is; any other error
+// becomes Internal (reason SCOPE_FAILED). The handler is not run in either
+// case. Default: no scope (keys are scoped by method only).
+func WithScope(scope func(ctx context.Context) (string, error)) Option {
+	return func(o *options) { o.scope = scope }
+}
+
+// WithFingerprint replaces the request fingerprint that binds a key to one
+// request. Default [DefaultFingerprint] (SHA-256 of the deterministic
+// protobuf encoding).
+func WithFingerprint(f FingerprintFunc) Option {
+	return func(o *options) {
+		if f != nil {
+			o.fingerprint = f
+		}
+	}
+}
+
+// WithStoredCodes sets which outcomes are stored and replayed. An outcome
+// whose code is not stored releases the key, so a retry runs the handler
+// again. Default [DefaultStoredCode].
+func WithStoredCodes(stored func(codes.Code) bool) Option {
+	return func(o *options) {
+		if stored != nil {
+			o.storeOutcome = stored
+		}
+	}
+}
+
+// WithKeyPolicy decides per method whether a key is required, optional or
+// ignored. It receives the full method name and the policy declared in the
+// method's protobuf descriptor (see [KeyPolicy]); it returns the policy to
+// apply. Default: the declared policy.
+func WithKeyPolicy(policy func(fullMethod string, declared KeyPolicy) KeyPolicy) Option {
+	return func(o *options) { o.policy = policy }
+}
+
+// WithRequiredKey makes the named methods (full names, "/pkg.Service/Method")
+// require a key, whatever their descriptor declares. It composes with
+// [WithKeyPolicy] set before it.
+func WithRequiredKey(fullMethods ...string) Option {
+	return withMethodPolicy(KeyRequired, fullMethods)
+}
+
+// WithIgnoredMethods makes the interceptor pass the named methods (full
+// names) straight through, key or not.
+func WithIgnoredMethods(fullMethods ...string) Option {
+	return withMethodPolicy(KeyIgnored, fullMethods)
+}
+
+func withMethodPolicy(p KeyPolicy, fullMethods []string) Option {
+	set := make(map[string]bool, len(fullMethods))
+	for _, m := range fullMethods {
+		set[m] = true
+	}
+	return func(o *options) {
+		prev := o.policy
+		o.policy = func(m string, declared KeyPolicy) KeyPolicy {
+			if set[m] {
+				return p
+			}
+			if prev != nil {
+				return prev(m, declared)
+			}
+			return declared
+		}
+	}
+}
+
+// WithLogger logs, at Warn level, the events an operator must see: a lost
+// lease, an outcome that could not be stored, a fail-open pass-through.
+// Keys are logged only as a short hash. Default: no logging.
+func WithLogger(l *slog.Logger) Option {
+	return func(o *options) { o.logger = l }
+}
+
+// WithObserver calls observe once for every call the interceptor handles,
+// with the [Event] describing its outcome. observe runs on the request path
+// and must not block. Default: none.
+func WithObserver(observe func(ctx context.Context, e Event)) Option {
+	return func(o *options) { o.observer = observe }
+}
+
+// withClock injects the clock used for record times (tests).
+func withClock(now func() time.Time) Option {
+	return func(o *options) { o.now = now }
+}
+
+// DefaultStoredCode reports whether an outcome with code c is stored and
+// replayed by default: OK and the deterministic errors (InvalidArgument,
+// NotFound, AlreadyExists, PermissionDenied, FailedPrecondition, OutOfRange,
+// Unimplemented). The others (Canceled, Unknown, DeadlineExceeded,
+// ResourceExhausted, Aborted, Internal, Unavailable, DataLoss and
+// Unauthenticated, which a refreshed credential may fix) release the key so a
+// retry runs the handler again.
+func DefaultStoredCode(c codes.Code) bool {
+	switch c {
+	case codes.OK, codes.InvalidArgument, codes.NotFound, codes.AlreadyExists,
+		codes.PermissionDenied, codes.FailedPrecondition, codes.OutOfRange,
+		codes.Unimplemented:
+		return true
+	}
+	return false
+}

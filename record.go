@@ -1,0 +1,88 @@
+package idempotency
+
+import (
+	"crypto/sha256"
+	"fmt"
+
+	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
+)
+
+// recordVersion is the layout version written into every record. Readers
+// refuse records of other versions as corrupt rather than misreading them.
+const recordVersion = 1
+
+// FingerprintFunc computes the fingerprint that binds a key to one request:
+// a repeat whose fingerprint differs from the first call's is refused with
+// FailedPrecondition (reason KEY_REUSED). fullMethod is the gRPC method; req
+// is the request message.
+type FingerprintFunc func(fullMethod string, req any) ([]byte, error)
+
+var deterministic = proto.MarshalOptions{Deterministic: true}
+
+// DefaultFingerprint is the SHA-256 of the deterministic protobuf encoding of
+// req. Requests that are not protobuf messages cannot be fingerprinted; use
+// [WithFingerprint] for other codecs.
+func DefaultFingerprint(_ string, req any) ([]byte, error) {
+	m, ok := req.(proto.Message)
+	if !ok {
+		return nil, fmt.Errorf("idempotency: request of type %T is not a protobuf message", req)
+	}
+	b, err := deterministic.Marshal(m)
+	if err != nil {
+		return nil, fmt.Errorf("idempotency: encode request: %w", err)
+	}
+	sum := sha256.Sum256(b)
+	return sum[:], nil
+}
+
+// decodeRecord parses a stored record, refusing anything that is not a
+// complete record of a known version and state.
+func decodeRecord(b []byte) (*idempotencyv1.Record, error) {
+	rec := &idempotencyv1.Record{}
+	if err := proto.Unmarshal(b, rec); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrCorruptRecord, err)
+	}
+	if rec.GetVersion() != recordVersion {
+		return nil, fmt.Errorf("%w: version %d, want %d", ErrCorruptRecord, rec.GetVersion(), recordVersion)
+	}
+	switch rec.GetState() {
+	case idempotencyv1.Record_STATE_IN_PROGRESS, idempotencyv1.Record_STATE_TOO_LARGE:
+	case idempotencyv1.Record_STATE_COMPLETED:
+		if rec.GetStatus() == nil {
+			return nil, fmt.Errorf("%w: completed record without status", ErrCorruptRecord)
+		}
+	default:
+		return nil, fmt.Errorf("%w: state %d", ErrCorruptRecord, rec.GetState())
+	}
+	if len(rec.GetFingerprint()) == 0 {
+		return nil, fmt.Errorf("%w: no fingerprint", ErrCorruptRecord)
+	}
+	return rec, nil
+}
+
+func mdToEntries(md metadata.MD) []*idempotencyv1.MetadataEntry {
+	if len(md) == 0 {
+		return nil
+	}
+	out := make([]*idempotencyv1.MetadataEntry, 0, len(md))
+	for k, vs := range md {
+		e := &idempotencyv1.MetadataEntry{Key: k, Values: make([][]byte, len(vs))}
+		for i, v := range vs {
+			e.Values[i] = []byte(v)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+func entriesToMD(entries []*idempotencyv1.MetadataEntry) metadata.MD {
+	md := make(metadata.MD, len(entries))
+	for _, e := range entries {
+		for _, v := range e.GetValues() {
+			md[e.GetKey()] = append(md[e.GetKey()], string(v))
+		}
+	}
+	return md
+}

@@ -1,0 +1,21 @@
+-- complete: store the final record of a key, if the token still owns it.
+-- KEYS[1]  record key
+-- ARGV[1]  owner token
+-- ARGV[2]  encoded final record
+-- ARGV[3]  ttl in milliseconds
+-- Returns 1 when stored under the lease, 2 when stored after the lease had
+-- expired with nobody else claiming the key, 0 when another token owns it.
+local tok = redis.call('HGET', KEYS[1], 'tok')
+local ret = 1
+if not tok then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    return 0
+  end
+  ret = 2
+elseif tok ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'rec', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return ret
