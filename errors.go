@@ -3,6 +3,7 @@ package idempotency
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -105,6 +106,10 @@ func newStatus(c codes.Code, reason string, meta map[string]string, msg string, 
 	st := status.New(c, "idempotency: "+msg)
 	details := make([]*anypb.Any, 0, 1+len(extra))
 	for _, d := range append([]proto.Message{&errdetails.ErrorInfo{Reason: reason, Domain: ErrorDomain, Metadata: meta}}, extra...) {
+		if a, ok := d.(*anypb.Any); ok {
+			details = append(details, a)
+			continue
+		}
 		a, err := anypb.New(d)
 		if err != nil {
 			return st.Err()
@@ -128,5 +133,5 @@ func errKeyRequired(method, header string) error {
 
 func errKeyInvalid(method, header string, cause error) error {
 	return newStatus(codes.InvalidArgument, ReasonKeyInvalid,
-		map[string]string{"method": method, "header": header}, cause.Error())
+		map[string]string{"method": method, "header": header}, strings.TrimPrefix(cause.Error(), "idempotency: "))
 }

@@ -308,11 +308,11 @@ func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trail
 func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record) (any, error) {
 	sp := &spb.Status{Code: rec.GetStatus().GetCode(), Message: rec.GetStatus().GetMessage(), Details: rec.GetStatus().GetDetails()}
 	if s.o.rejectRepeats {
-		var detail *anypb.Any
+		// The stored outcome travels as is: the response bytes in an Any of
+		// the response type, or the stored error as a google.rpc.Status.
+		var detail proto.Message = sp
 		if sp.Code == int32(codes.OK) {
 			detail = &anypb.Any{TypeUrl: "type.googleapis.com/" + rec.GetResponseType(), Value: rec.GetResponse()}
-		} else if a, err := anypb.New(sp); err == nil {
-			detail = a
 		}
 		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, newStatus(codes.AlreadyExists, ReasonAlreadyProcessed,
 			map[string]string{"method": c.method},

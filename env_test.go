@@ -1,0 +1,221 @@
+package idempotency
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/proto"
+)
+
+const testTimeout = 30 * time.Second
+
+// testService implements the test service and counts handler executions.
+type testService struct {
+	testingv1.UnimplementedTestServiceServer
+
+	runs  atomic.Int64 // executions of Do and Charge
+	reads atomic.Int64
+	// do, when set, replaces Do's body; n is the execution number.
+	do func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error)
+}
+
+func (s *testService) Do(ctx context.Context, req *testingv1.DoRequest) (*testingv1.DoResponse, error) {
+	n := s.runs.Add(1)
+	if s.do != nil {
+		return s.do(ctx, req, n)
+	}
+	return &testingv1.DoResponse{Id: req.GetId(), Execution: n, Payload: req.GetPayload()}, nil
+}
+
+func (s *testService) Charge(ctx context.Context, req *testingv1.ChargeRequest) (*testingv1.ChargeResponse, error) {
+	n := s.runs.Add(1)
+	return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d", n)}, nil
+}
+
+func (s *testService) Read(ctx context.Context, req *testingv1.ReadRequest) (*testingv1.ReadResponse, error) {
+	s.reads.Add(1)
+	return &testingv1.ReadResponse{Id: req.GetId()}, nil
+}
+
+// eventLog records the interceptor's events so tests can wait for one.
+type eventLog struct {
+	mu     sync.Mutex
+	events []Event
+	signal chan struct{}
+}
+
+func newEventLog() *eventLog { return &eventLog{signal: make(chan struct{}, 1)} }
+
+func (l *eventLog) observe(_ context.Context, e Event) {
+	l.mu.Lock()
+	l.events = append(l.events, e)
+	l.mu.Unlock()
+	select {
+	case l.signal <- struct{}{}:
+	default:
+	}
+}
+
+// count returns how many events had outcome o.
+func (l *eventLog) count(o Outcome) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, e := range l.events {
+		if e.Outcome == o {
+			n++
+		}
+	}
+	return n
+}
+
+// last returns the last event with outcome o.
+func (l *eventLog) last(o Outcome) (Event, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for i := len(l.events) - 1; i >= 0; i-- {
+		if l.events[i].Outcome == o {
+			return l.events[i], true
+		}
+	}
+	return Event{}, false
+}
+
+// waitFor blocks until at least n events with outcome o were seen.
+func (l *eventLog) waitFor(t *testing.T, o Outcome, n int) {
+	t.Helper()
+	deadline := time.NewTimer(testTimeout)
+	defer deadline.Stop()
+	for l.count(o) < n {
+		select {
+		case <-l.signal:
+		case <-deadline.C:
+			t.Fatalf("timed out waiting for %d %q events; saw %d", n, o, l.count(o))
+		}
+	}
+}
+
+// testEnv is a gRPC server on bufconn with the interceptor, and a client.
+type testEnv struct {
+	svc    *testService
+	client testingv1.TestServiceClient
+	conn   *grpc.ClientConn
+	events *eventLog
+	// wire holds the raw bytes of every response message the client
+	// received, in order.
+	wire *wireLog
+}
+
+type envConfig struct {
+	opts       []Option
+	outer      []grpc.UnaryServerInterceptor
+	svc        *testService
+	dialOpts   []grpc.DialOption
+	noObserver bool
+}
+
+// newTestEnv starts a server whose only interceptors are outer (outermost
+// first) and the idempotency interceptor on store.
+func newTestEnv(t *testing.T, store Store, cfg envConfig) *testEnv {
+	t.Helper()
+	env := &testEnv{svc: cfg.svc, events: newEventLog(), wire: &wireLog{}}
+	if env.svc == nil {
+		env.svc = &testService{}
+	}
+	opts := cfg.opts
+	if !cfg.noObserver {
+		opts = append([]Option{WithObserver(env.events.observe)}, opts...)
+	}
+	chain := append(append([]grpc.UnaryServerInterceptor{}, cfg.outer...), UnaryServerInterceptor(store, opts...))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(chain...))
+	testingv1.RegisterTestServiceServer(srv, env.svc)
+	lis := bufconn.Listen(1 << 20)
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(srv.Stop)
+	dial := append([]grpc.DialOption{
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(recordingCodec{env.wire})),
+	}, cfg.dialOpts...)
+	conn, err := grpc.NewClient("passthrough:///bufnet", dial...)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	env.conn = conn
+	env.client = testingv1.NewTestServiceClient(conn)
+	return env
+}
+
+// wireLog keeps the raw bytes of received messages.
+type wireLog struct {
+	mu   sync.Mutex
+	msgs [][]byte
+}
+
+func (w *wireLog) lastN(n int) [][]byte {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.msgs) < n {
+		return nil
+	}
+	return append([][]byte(nil), w.msgs[len(w.msgs)-n:]...)
+}
+
+// recordingCodec is the proto codec, recording the bytes it decodes, so a
+// test can compare what went over the wire.
+type recordingCodec struct{ log *wireLog }
+
+func (recordingCodec) Name() string { return "proto" }
+
+func (recordingCodec) Marshal(v any) ([]byte, error) { return proto.Marshal(v.(proto.Message)) }
+
+func (c recordingCodec) Unmarshal(data []byte, v any) error {
+	c.log.mu.Lock()
+	c.log.msgs = append(c.log.msgs, append([]byte(nil), data...))
+	c.log.mu.Unlock()
+	return proto.Unmarshal(data, v.(proto.Message))
+}
+
+func testCtx(t *testing.T) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// wantStatus fails unless err is a status with code c and, when reason is
+// not empty, an ErrorInfo with that reason in ErrorDomain.
+func wantStatus(t *testing.T, err error, c codes.Code, reason string) {
+	t.Helper()
+	if got := status.Code(err); got != c {
+		t.Fatalf("code = %v (%v), want %v", got, err, c)
+	}
+	if reason != "" {
+		if got := ReasonOf(err); got != reason {
+			t.Fatalf("ErrorInfo reason = %q (%v), want %q", got, err, reason)
+		}
+	}
+}
+
+// recoverInterceptor turns a handler panic into Internal, as a recovery
+// middleware would, so a test can observe what happens after a panic.
+func recoverInterceptor(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = status.Errorf(codes.Internal, "panic: %v", r)
+		}
+	}()
+	return h(ctx, req)
+}

@@ -1,0 +1,114 @@
+package idempotency
+
+import (
+	"context"
+	"net"
+	"sync/atomic"
+	"testing"
+
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"github.com/redis/go-redis/v9"
+)
+
+// roundTrips is a go-redis hook counting commands sent to Redis.
+type roundTrips struct{ n atomic.Int64 }
+
+func (r *roundTrips) DialHook(next redis.DialHook) redis.DialHook {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) { return next(ctx, network, addr) }
+}
+
+func (r *roundTrips) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		r.n.Add(1)
+		return next(ctx, cmd)
+	}
+}
+
+func (r *roundTrips) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		r.n.Add(1)
+		return next(ctx, cmds)
+	}
+}
+
+// TestRedisRoundTrips verifies the cost floor: one Redis round trip per
+// replay, two per first execution (claim, complete), once the scripts are
+// loaded.
+func TestRedisRoundTrips(t *testing.T) {
+	for _, bf := range backendFactories[1:] {
+		t.Run(bf.name, func(t *testing.T) {
+			b := bf.new(t)
+			rt := &roundTrips{}
+			b.client.AddHook(rt)
+			env := newTestEnv(t, b.store, envConfig{})
+			ctx := testCtx(t)
+			// Warm up: the first use of each script costs an extra EVAL.
+			if _, err := env.client.Do(withKey(ctx, "warm"), &testingv1.DoRequest{}); err != nil {
+				t.Fatal(err)
+			}
+			for i, want := range []int64{2, 1, 1} {
+				before := rt.n.Load()
+				if _, err := env.client.Do(withKey(ctx, "rt"), &testingv1.DoRequest{}); err != nil {
+					t.Fatal(err)
+				}
+				if got := rt.n.Load() - before; got != want {
+					t.Fatalf("call %d: %d Redis round trips, want %d", i+1, got, want)
+				}
+			}
+		})
+	}
+}
+
+// TestRedisStoreFencing drives the store directly: only the token that
+// claimed a key may renew, complete or release it.
+func TestRedisStoreFencing(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		ctx := testCtx(t)
+		s := b.store
+		res, err := s.Claim(ctx, "k", "tok-a", []byte("in-progress"), 60_000_000_000)
+		if err != nil || !res.Claimed {
+			t.Fatalf("claim = %+v, %v", res, err)
+		}
+		res, err = s.Claim(ctx, "k", "tok-b", []byte("other"), 60_000_000_000)
+		if err != nil || res.Claimed || string(res.Record) != "in-progress" {
+			t.Fatalf("second claim = %+v, %v; want the stored record", res, err)
+		}
+		for name, err := range map[string]error{
+			"renew":    s.Renew(ctx, "k", "tok-b", 60_000_000_000),
+			"complete": s.Complete(ctx, "k", "tok-b", []byte("stale"), 60_000_000_000),
+			"release":  s.Release(ctx, "k", "tok-b"),
+		} {
+			if err != ErrLeaseLost {
+				t.Fatalf("%s by a non-owner: %v, want ErrLeaseLost", name, err)
+			}
+		}
+		if err := s.Renew(ctx, "k", "tok-a", 60_000_000_000); err != nil {
+			t.Fatalf("renew by owner: %v", err)
+		}
+		if err := s.Complete(ctx, "k", "tok-a", []byte("done"), 60_000_000_000); err != nil {
+			t.Fatalf("complete by owner: %v", err)
+		}
+		if err := s.Complete(ctx, "k", "tok-a", []byte("again"), 60_000_000_000); err != ErrLeaseLost {
+			t.Fatalf("second complete: %v, want ErrLeaseLost (the key is completed)", err)
+		}
+		if err := s.Release(ctx, "k", "tok-a"); err != ErrLeaseLost {
+			t.Fatalf("release of a completed key: %v, want ErrLeaseLost", err)
+		}
+		res, _ = s.Claim(ctx, "k", "tok-c", nil, 60_000_000_000)
+		if res.Claimed || string(res.Record) != "done" {
+			t.Fatalf("claim after completion = %+v; want the completed record", res)
+		}
+		// Completing a key whose lease ran out with nobody claiming it since
+		// stores the outcome: no other execution can exist.
+		if _, err := s.Claim(ctx, "gone", "tok-x", []byte("p"), 60_000_000_000); err != nil {
+			t.Fatal(err)
+		}
+		b.expire("gone")
+		if err := s.Complete(ctx, "gone", "tok-x", []byte("late"), 60_000_000_000); err != nil {
+			t.Fatalf("late complete: %v", err)
+		}
+		if res, _ := s.Claim(ctx, "gone", "tok-y", nil, 60_000_000_000); res.Claimed || string(res.Record) != "late" {
+			t.Fatalf("after late complete: %+v", res)
+		}
+	})
+}
