@@ -3,8 +3,15 @@ package idempotency
 import (
 	"context"
 	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
 
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/redis/go-redis/v9"
@@ -111,4 +118,63 @@ func TestRedisStoreFencing(t *testing.T) {
 			t.Fatalf("after late complete: %+v", res)
 		}
 	})
+}
+
+// TestExpiry verifies time-driven behaviour with miniredis FastForward and
+// the memory store's clock: a crashed owner's lease frees the key, and a
+// completed record is replayed until its TTL ends, then the key is new.
+func TestExpiry(t *testing.T) {
+	type clock struct {
+		store   Store
+		advance func(d time.Duration)
+	}
+	for name, mk := range map[string]func(t *testing.T) clock{
+		"miniredis": func(t *testing.T) clock {
+			m := miniredis.RunT(t)
+			return clock{NewRedisStore(newRedisClient(t, m.Addr())), m.FastForward}
+		},
+		"memory": func(t *testing.T) clock {
+			s := NewMemoryStore()
+			var mu sync.Mutex
+			now := time.Now()
+			s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+			return clock{s, func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := mk(t)
+			env := newTestEnv(t, c.store, envConfig{opts: []Option{WithTTL(time.Hour), WithLease(time.Minute)}})
+			ctx := testCtx(t)
+			req := &testingv1.DoRequest{Id: "e"}
+			// A server that crashed mid-call left its claim behind.
+			inProgress, _ := proto.Marshal(&idempotencyv1.Record{Version: recordVersion, State: idempotencyv1.Record_STATE_IN_PROGRESS,
+				Fingerprint: mustFingerprint(t, req), Method: methodDo})
+			if _, err := c.store.Claim(ctx, StoreKey(methodDo, "", "crashed"), "dead-owner", inProgress, time.Minute); err != nil {
+				t.Fatal(err)
+			}
+			_, err := env.client.Do(withKey(ctx, "crashed"), req)
+			wantStatus(t, err, codes.Aborted, ReasonInProgress)
+			c.advance(time.Minute + time.Second)
+			if _, err := env.client.Do(withKey(ctx, "crashed"), req); err != nil {
+				t.Fatalf("after the dead owner's lease: %v, want a new execution", err)
+			}
+			c.advance(59 * time.Minute)
+			if r, err := env.client.Do(withKey(ctx, "crashed"), req); err != nil || r.GetExecution() != 1 {
+				t.Fatalf("within the TTL: %v, %v; want the replay of execution 1", r, err)
+			}
+			c.advance(2 * time.Minute)
+			if r, err := env.client.Do(withKey(ctx, "crashed"), req); err != nil || r.GetExecution() != 2 {
+				t.Fatalf("after the TTL: %v, %v; want a new execution 2", r, err)
+			}
+		})
+	}
+}
+
+func mustFingerprint(t *testing.T, req proto.Message) []byte {
+	t.Helper()
+	fp, err := DefaultFingerprint("", req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fp
 }
