@@ -119,3 +119,25 @@ func (s *MemoryStore) Len() int {
 	}
 	return n
 }
+
+// Get implements [AdminStore.Get].
+func (s *MemoryStore) Get(_ context.Context, key string) ([]byte, time.Duration, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e := s.live(key)
+	if e == nil {
+		return nil, 0, ErrNoRecord
+	}
+	return bytes.Clone(e.record), e.expires.Sub(s.now()), nil
+}
+
+// Delete implements [AdminStore.Delete].
+func (s *MemoryStore) Delete(_ context.Context, key string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.live(key) == nil {
+		return ErrNoRecord
+	}
+	delete(s.entries, key)
+	return nil
+}

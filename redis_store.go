@@ -23,11 +23,17 @@ var (
 	completeLua string
 	//go:embed scripts/release.lua
 	releaseLua string
+	//go:embed scripts/inspect.lua
+	inspectLua string
 
 	claimScript    = redis.NewScript(claimLua)
 	renewScript    = redis.NewScript(renewLua)
 	completeScript = redis.NewScript(completeLua)
 	releaseScript  = redis.NewScript(releaseLua)
+	inspectScript  = redis.NewScript(inspectLua)
+	// deleteScript is a plain DEL, as a script so the store needs nothing
+	// but redis.Scripter from its client.
+	deleteScript = redis.NewScript("return redis.call('DEL', KEYS[1])")
 )
 
 // RedisStore is a [Store] on Redis. Each record is one Redis hash, and each
@@ -111,6 +117,32 @@ func (s *RedisStore) fenced(ctx context.Context, op string, script *redis.Script
 	}
 	if n == 0 {
 		return ErrLeaseLost
+	}
+	return nil
+}
+
+// Get implements [AdminStore.Get] with one read-only script call.
+func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration, error) {
+	res, err := inspectScript.Run(ctx, s.client, []string{s.prefix + key}).Slice()
+	if err != nil {
+		return nil, 0, fmt.Errorf("idempotency: redis get: %w", err)
+	}
+	if len(res) < 2 {
+		return nil, 0, ErrNoRecord
+	}
+	rec, _ := res[0].(string)
+	ms, _ := res[1].(int64)
+	return []byte(rec), time.Duration(ms) * time.Millisecond, nil
+}
+
+// Delete implements [AdminStore.Delete].
+func (s *RedisStore) Delete(ctx context.Context, key string) error {
+	n, err := deleteScript.Run(ctx, s.client, []string{s.prefix + key}).Int()
+	if err != nil {
+		return fmt.Errorf("idempotency: redis delete: %w", err)
+	}
+	if n == 0 {
+		return ErrNoRecord
 	}
 	return nil
 }

@@ -1,0 +1,63 @@
+package idempotency
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"google.golang.org/grpc/codes"
+)
+
+// TestLookupAndForget verifies the support tooling: a stuck in-progress
+// record is visible with its state and lease, Forget frees it, and the next
+// call runs; a completed record shows its code and retention.
+func TestLookupAndForget(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		admin, ok := b.store.(AdminStore)
+		if !ok {
+			t.Fatalf("%T does not implement AdminStore", b.store)
+		}
+		started, release := make(chan struct{}), make(chan struct{})
+		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+			if n == 1 {
+				close(started)
+				<-release
+			}
+			return &testingv1.DoResponse{Execution: n, Payload: []byte("abc")}, nil
+		}}
+		env := newTestEnv(t, b.store, envConfig{svc: svc, opts: []Option{WithLease(time.Minute), WithTTL(time.Hour)}})
+		ctx := withKey(testCtx(t), "stuck")
+		done := make(chan error, 1)
+		go func() {
+			_, err := env.client.Do(ctx, &testingv1.DoRequest{})
+			done <- err
+		}()
+		<-started
+		info, err := Lookup(ctx, admin, methodDo, "", "stuck")
+		if err != nil || info.State != "in_progress" || info.TTL <= 0 || info.TTL > time.Minute || info.Created.IsZero() {
+			t.Fatalf("Lookup of a running call = %+v, %v; want in_progress with a lease of at most 1m", info, err)
+		}
+		if err := Forget(ctx, admin, methodDo, "", "stuck"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Lookup(ctx, admin, methodDo, "", "stuck"); !errors.Is(err, ErrNoRecord) {
+			t.Fatalf("Lookup after Forget: %v, want ErrNoRecord", err)
+		}
+		r, err := env.client.Do(ctx, &testingv1.DoRequest{})
+		if err != nil || r.GetExecution() != 2 {
+			t.Fatalf("call after Forget = %v, %v; want execution 2", r, err)
+		}
+		close(release)
+		<-done
+		env.events.waitFor(t, OutcomeLeaseLost, 1) // the forgotten owner wrote nothing
+		info, err = Lookup(ctx, admin, methodDo, "", "stuck")
+		if err != nil || info.State != "completed" || info.Code != codes.OK || info.TTL <= 59*time.Minute || info.ResponseSize == 0 {
+			t.Fatalf("Lookup of a completed call = %+v, %v", info, err)
+		}
+		if err := Forget(ctx, admin, methodDo, "", "never"); !errors.Is(err, ErrNoRecord) {
+			t.Fatalf("Forget of an unknown key: %v, want ErrNoRecord", err)
+		}
+	})
+}
