@@ -1,0 +1,97 @@
+// Package idempotencyotel turns the events of the idempotency interceptors
+// into OpenTelemetry metrics and span attributes. It lives in its own Go
+// module so the core library does not depend on OpenTelemetry.
+//
+// Prometheus users export these metrics through OpenTelemetry's Prometheus
+// exporter (go.opentelemetry.io/otel/exporters/prometheus), where the names
+// become idempotency_server_calls_total and
+// idempotency_store_duration_seconds.
+package idempotencyotel
+
+import (
+	"context"
+
+	"github.com/idempotency-grpc/idempotency"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/metric"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// ScopeName is the instrumentation scope of the meter.
+const ScopeName = "github.com/idempotency-grpc/idempotency/otel"
+
+// Metric names, following OpenTelemetry's semantic-convention style.
+const (
+	// CallsMetric counts calls handled by the server interceptor, by
+	// rpc.method, idempotency.outcome and idempotency.replayed.
+	CallsMetric = "idempotency.server.calls"
+	// StoreDurationMetric is a histogram of the time spent in the store per
+	// call (claim, plus complete or release), in seconds, by rpc.method and
+	// idempotency.outcome.
+	StoreDurationMetric = "idempotency.store.duration"
+)
+
+// Attribute keys set on metrics and on the current span.
+const (
+	AttrMethod   = attribute.Key("rpc.method")
+	AttrOutcome  = attribute.Key("idempotency.outcome")
+	AttrReplayed = attribute.Key("idempotency.replayed")
+	AttrKeyHash  = attribute.Key("idempotency.key_hash")
+	AttrCode     = attribute.Key("rpc.grpc.status_code")
+)
+
+// Option configures [NewObserver].
+type Option func(*config)
+
+type config struct {
+	mp metric.MeterProvider
+}
+
+// WithMeterProvider sets the meter provider. Default: the global one
+// (otel.GetMeterProvider).
+func WithMeterProvider(mp metric.MeterProvider) Option {
+	return func(c *config) { c.mp = mp }
+}
+
+// NewObserver returns an observer for idempotency.WithObserver that records
+// every event as metrics and annotates the call's current span with the
+// outcome, whether it was replayed and the key's hash (never the key).
+func NewObserver(opts ...Option) (func(context.Context, idempotency.Event), error) {
+	c := &config{}
+	for _, o := range opts {
+		o(c)
+	}
+	if c.mp == nil {
+		c.mp = otel.GetMeterProvider()
+	}
+	m := c.mp.Meter(ScopeName)
+	calls, err := m.Int64Counter(CallsMetric, metric.WithUnit("{call}"),
+		metric.WithDescription("Calls handled by the idempotency server interceptor, by outcome."))
+	if err != nil {
+		return nil, err
+	}
+	storeDur, err := m.Float64Histogram(StoreDurationMetric, metric.WithUnit("s"),
+		metric.WithDescription("Time spent in the idempotency store per call."))
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context, e idempotency.Event) {
+		replayed := e.Outcome == idempotency.OutcomeReplayed
+		attrs := metric.WithAttributes(AttrMethod.String(e.Method), AttrOutcome.String(string(e.Outcome)), AttrReplayed.Bool(replayed))
+		calls.Add(ctx, 1, attrs)
+		if e.StoreLatency > 0 {
+			storeDur.Record(ctx, e.StoreLatency.Seconds(), metric.WithAttributes(AttrMethod.String(e.Method), AttrOutcome.String(string(e.Outcome))))
+		}
+		span := trace.SpanFromContext(ctx)
+		if !span.IsRecording() {
+			return
+		}
+		kv := []attribute.KeyValue{AttrOutcome.String(string(e.Outcome)), AttrReplayed.Bool(replayed), AttrCode.Int(int(e.Code))}
+		if e.KeyHash != "" {
+			kv = append(kv, AttrKeyHash.String(e.KeyHash))
+		}
+		span.SetAttributes(kv...)
+		span.AddEvent("idempotency."+string(e.Outcome), trace.WithAttributes(kv...))
+	}, nil
+}
