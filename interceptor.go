@@ -48,6 +48,12 @@ import (
 func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
 	s := &server{store: store, o: evaluateOptions(opts)}
 	s.policies.override = s.o.policy
+	if s.o.localCacheSize > 0 {
+		s.cache = newLocalCache(s.o.localCacheSize, s.o.localCacheAge)
+	}
+	if s.o.coalesce {
+		s.flights = &flights{m: make(map[string]*flight)}
+	}
 	return s.intercept
 }
 
@@ -55,6 +61,8 @@ type server struct {
 	store    Store
 	o        *options
 	policies policyCache
+	cache    *localCache // nil unless WithLocalCache
+	flights  *flights    // nil unless WithCoalescing
 }
 
 // call is the state of one keyed call.
@@ -65,6 +73,9 @@ type call struct {
 	fp       []byte
 	token    string
 	ev       Event
+	// final is the completed record the call ended with (executed or
+	// replayed), shared with the local cache and coalesced duplicates.
+	final *idempotencyv1.Record
 }
 
 func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -105,6 +116,29 @@ func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 			map[string]string{"method": c.method}, "cannot fingerprint the request"), err)
 	}
 	c.token = newToken()
+	if s.cache != nil {
+		if rec := s.cache.get(c.storeKey, s.o.now()); rec != nil {
+			c.ev.Local = true
+			return s.answer(ctx, c, rec)
+		}
+	}
+	if s.flights == nil {
+		return s.claim(ctx, c, req, handler)
+	}
+	f, leader := s.flights.join(c.storeKey, c.fp)
+	if leader {
+		defer func() { s.flights.finish(c.storeKey, f, c.final) }()
+		return s.claim(ctx, c, req, handler)
+	}
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		return nil, s.fail(ctx, c, OutcomeInProgress, status.FromContextError(ctx.Err()).Err(), nil)
+	}
+	if f.final != nil {
+		c.ev.Local = true
+		return s.answer(ctx, c, f.final)
+	}
 	return s.claim(ctx, c, req, handler)
 }
 
@@ -150,20 +184,15 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 		if err != nil {
 			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
 		}
+		if rec.GetState() != idempotencyv1.Record_STATE_IN_PROGRESS {
+			if s.cache != nil && bytes.Equal(rec.GetFingerprint(), c.fp) {
+				s.cache.put(c.storeKey, rec, s.o.now(), s.o.ttl)
+			}
+			return s.answer(ctx, c, rec)
+		}
 		if !bytes.Equal(rec.GetFingerprint(), c.fp) {
-			return nil, s.fail(ctx, c, OutcomeKeyReused, newStatus(codes.FailedPrecondition, ReasonKeyReused,
-				map[string]string{"method": c.method},
-				"the idempotency key was already used for a different request; use a new key for a new request"), nil)
+			return nil, s.fail(ctx, c, OutcomeKeyReused, errKeyReused(c.method), nil)
 		}
-		switch rec.GetState() {
-		case idempotencyv1.Record_STATE_COMPLETED:
-			return s.replay(ctx, c, rec)
-		case idempotencyv1.Record_STATE_TOO_LARGE:
-			return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, newStatus(codes.AlreadyExists, ReasonResponseTooLarge,
-				map[string]string{"method": c.method, "response_size": strconv.FormatInt(rec.GetResponseSize(), 10)},
-				fmt.Sprintf("the call with this idempotency key was executed, but its outcome (%d bytes) was too large to store and cannot be replayed", rec.GetResponseSize())), nil)
-		}
-		// In progress.
 		if !s.o.waitInProgress {
 			return nil, s.fail(ctx, c, OutcomeInProgress, newStatus(codes.Aborted, ReasonInProgress,
 				map[string]string{"method": c.method},
@@ -180,6 +209,25 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			wait *= 2
 		}
 	}
+}
+
+// answer answers a repeat from a completed or too-large record.
+func (s *server) answer(ctx context.Context, c *call, rec *idempotencyv1.Record) (any, error) {
+	if !bytes.Equal(rec.GetFingerprint(), c.fp) {
+		return nil, s.fail(ctx, c, OutcomeKeyReused, errKeyReused(c.method), nil)
+	}
+	c.final = rec
+	if rec.GetState() == idempotencyv1.Record_STATE_TOO_LARGE {
+		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, newStatus(codes.AlreadyExists, ReasonResponseTooLarge,
+			map[string]string{"method": c.method, "response_size": strconv.FormatInt(rec.GetResponseSize(), 10)},
+			fmt.Sprintf("the call with this idempotency key was executed, but its outcome (%d bytes) was too large to store and cannot be replayed", rec.GetResponseSize())), nil)
+	}
+	return s.replay(ctx, c, rec)
+}
+
+func errKeyReused(method string) error {
+	return newStatus(codes.FailedPrecondition, ReasonKeyReused, map[string]string{"method": method},
+		"the idempotency key was already used for a different request; use a new key for a new request")
 }
 
 // execute runs the handler as the key's owner and stores or releases its
@@ -219,7 +267,7 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	if cs != nil {
 		header, trailer = cs.captured()
 	}
-	rec, outcome, rerr := s.finalRecord(c, resp, st, header, trailer)
+	rec, final, outcome, rerr := s.finalRecord(c, resp, st, header, trailer)
 	if rerr != nil {
 		// The outcome cannot be stored (e.g. a non-protobuf response): free
 		// the key rather than leave it stuck in progress.
@@ -231,8 +279,14 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	c.ev.Outcome = outcome
 	if ferr := s.finish(ctx, c, rec); ferr != nil {
 		c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
-	} else if leaseLost {
-		c.ev.Err = errors.New("idempotency: lease renewal failed during the call, but the outcome was stored")
+	} else {
+		c.final = final
+		if s.cache != nil {
+			s.cache.put(c.storeKey, final, s.o.now(), s.o.ttl)
+		}
+		if leaseLost {
+			c.ev.Err = errors.New("idempotency: lease renewal failed during the call, but the outcome was stored")
+		}
 	}
 	s.emit(ctx, c.ev)
 	return resp, err
@@ -261,7 +315,7 @@ func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
 
 // finalRecord encodes the outcome of the handler, or a too-large marker when
 // it exceeds the size limit.
-func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trailer metadata.MD) ([]byte, Outcome, error) {
+func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trailer metadata.MD) ([]byte, *idempotencyv1.Record, Outcome, error) {
 	now := s.o.now()
 	rec := &idempotencyv1.Record{
 		Version:      recordVersion,
@@ -277,31 +331,32 @@ func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trail
 	if st.Code() == codes.OK {
 		m, ok := resp.(proto.Message)
 		if !ok {
-			return nil, "", fmt.Errorf("idempotency: response of type %T is not a protobuf message", resp)
+			return nil, nil, "", fmt.Errorf("idempotency: response of type %T is not a protobuf message", resp)
 		}
 		b, err := deterministic.Marshal(m)
 		if err != nil {
-			return nil, "", fmt.Errorf("idempotency: encode response: %w", err)
+			return nil, nil, "", fmt.Errorf("idempotency: encode response: %w", err)
 		}
 		rec.Response = b
 		rec.ResponseType = string(m.ProtoReflect().Descriptor().FullName())
 	}
 	b, err := proto.Marshal(rec)
 	if err != nil {
-		return nil, "", fmt.Errorf("idempotency: encode record: %w", err)
+		return nil, nil, "", fmt.Errorf("idempotency: encode record: %w", err)
 	}
 	if len(b) <= s.o.maxRecordSize {
-		return b, OutcomeExecuted, nil
+		return b, rec, OutcomeExecuted, nil
 	}
-	b, err = proto.Marshal(&idempotencyv1.Record{
+	rec = &idempotencyv1.Record{
 		Version:      recordVersion,
 		State:        idempotencyv1.Record_STATE_TOO_LARGE,
 		Fingerprint:  c.fp,
 		Method:       c.method,
 		ResponseSize: int64(len(b)),
 		CompleteTime: timestamppb.New(now),
-	})
-	return b, OutcomeTooLarge, err
+	}
+	b, err = proto.Marshal(rec)
+	return b, rec, OutcomeTooLarge, err
 }
 
 // replay answers a repeat from a completed record.
@@ -370,7 +425,7 @@ func (s *server) renew(c *call) (stop func() (lost bool)) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		every := s.o.lease / 3
+		every := max(s.o.lease/3, time.Millisecond)
 		t := time.NewTicker(every)
 		defer t.Stop()
 		for {

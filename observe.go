@@ -79,6 +79,10 @@ type Event struct {
 	StoreLatency time.Duration
 	// Err is the store or internal error behind the outcome, if any.
 	Err error
+	// Local is true when the answer came from this process without a store
+	// round trip: the local cache ([WithLocalCache]) or a coalesced
+	// duplicate ([WithCoalescing]).
+	Local bool
 }
 
 // keyHash is the short hash of a store key used in logs and events.

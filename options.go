@@ -69,6 +69,9 @@ type options struct {
 	logger          *slog.Logger
 	observer        func(context.Context, Event)
 	now             func() time.Time
+	localCacheSize  int
+	localCacheAge   time.Duration
+	coalesce        bool
 }
 
 func evaluateOptions(opts []Option) *options {
@@ -276,6 +279,30 @@ func WithLogger(l *slog.Logger) Option {
 // and must not block. Default: none.
 func WithObserver(observe func(ctx context.Context, e Event)) Option {
 	return func(o *options) { o.observer = observe }
+}
+
+// WithLocalCache keeps up to maxEntries completed records in process memory
+// (least recently used evicted first), so a repeat that lands on the same
+// server is answered with no store round trip. The fingerprint and scope are
+// still checked. Completed records never change until their TTL ends, so the
+// cache is exact, with one exception: a record deleted from the store with
+// [Forget] may still be replayed from a server's cache for up to maxAge.
+// Default: off.
+func WithLocalCache(maxEntries int, maxAge time.Duration) Option {
+	return func(o *options) {
+		o.localCacheSize, o.localCacheAge = maxEntries, maxAge
+	}
+}
+
+// WithCoalescing makes concurrent duplicates on one server (same scoped key
+// and request) wait in process for the first one's outcome instead of each
+// going to the store: a burst of N identical calls makes one claim. Waiters
+// are bounded by their own deadline; if the first call stores no outcome
+// (a transient error, a panic, a store failure) each waiter then goes to the
+// store as usual. Duplicates on other servers are still decided by the
+// store. Default: off.
+func WithCoalescing() Option {
+	return func(o *options) { o.coalesce = true }
 }
 
 // withClock injects the clock used for record times (tests).

@@ -1,0 +1,127 @@
+package idempotency
+
+import (
+	"bytes"
+	"container/list"
+	"sync"
+	"time"
+
+	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
+)
+
+// localCache is a bounded LRU of completed records, keyed by store key.
+// Completed records are immutable until their TTL ends, which is what makes
+// answering from it exact.
+type localCache struct {
+	mu     sync.Mutex
+	max    int
+	maxAge time.Duration
+	ll     *list.List // front: most recently used
+	items  map[string]*list.Element
+}
+
+type cacheEntry struct {
+	key     string
+	rec     *idempotencyv1.Record
+	expires time.Time
+}
+
+func newLocalCache(max int, maxAge time.Duration) *localCache {
+	if maxAge <= 0 {
+		maxAge = time.Minute
+	}
+	return &localCache{max: max, maxAge: maxAge, ll: list.New(), items: make(map[string]*list.Element)}
+}
+
+// get returns the unexpired record of key, or nil.
+func (c *localCache) get(key string, now time.Time) *idempotencyv1.Record {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	el, ok := c.items[key]
+	if !ok {
+		return nil
+	}
+	e := el.Value.(*cacheEntry)
+	if !now.Before(e.expires) {
+		c.ll.Remove(el)
+		delete(c.items, key)
+		return nil
+	}
+	c.ll.MoveToFront(el)
+	return e.rec
+}
+
+// put caches a completed record until the earlier of its own expiry
+// (completion + ttl) and now + maxAge.
+func (c *localCache) put(key string, rec *idempotencyv1.Record, now time.Time, ttl time.Duration) {
+	expires := now.Add(c.maxAge)
+	if t := rec.GetCompleteTime(); t != nil {
+		if end := t.AsTime().Add(ttl); end.Before(expires) {
+			expires = end
+		}
+	}
+	if !now.Before(expires) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.items[key]; ok {
+		el.Value = &cacheEntry{key: key, rec: rec, expires: expires}
+		c.ll.MoveToFront(el)
+		return
+	}
+	c.items[key] = c.ll.PushFront(&cacheEntry{key: key, rec: rec, expires: expires})
+	for c.ll.Len() > c.max {
+		old := c.ll.Back()
+		c.ll.Remove(old)
+		delete(c.items, old.Value.(*cacheEntry).key)
+	}
+}
+
+// flights tracks the calls in progress on this server, per store key, so
+// concurrent duplicates can wait for the first one's outcome.
+type flights struct {
+	mu sync.Mutex
+	m  map[string]*flight
+}
+
+// testHookJoined, when set by a test, is called each time a duplicate joins
+// a flight.
+var testHookJoined func()
+
+type flight struct {
+	fp    []byte
+	done  chan struct{}
+	final *idempotencyv1.Record // set before done is closed; nil if none stored
+}
+
+// join returns the flight of key and whether the caller leads it. A caller
+// whose fingerprint differs from the leader's does not join: it is given a
+// closed flight with no outcome, and goes to the store, which refuses it.
+func (f *flights) join(key string, fp []byte) (*flight, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if fl, ok := f.m[key]; ok {
+		if bytes.Equal(fl.fp, fp) {
+			if testHookJoined != nil {
+				testHookJoined()
+			}
+			return fl, false
+		}
+		closed := &flight{done: make(chan struct{})}
+		close(closed.done)
+		return closed, false
+	}
+	fl := &flight{fp: fp, done: make(chan struct{})}
+	f.m[key] = fl
+	return fl, true
+}
+
+// finish publishes the leader's outcome and releases the waiters.
+func (f *flights) finish(key string, fl *flight, final *idempotencyv1.Record) {
+	f.mu.Lock()
+	delete(f.m, key)
+	f.mu.Unlock()
+	fl.final = final
+	close(fl.done)
+}

@@ -1,0 +1,128 @@
+package idempotency
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
+)
+
+// TestLocalCache verifies that with WithLocalCache a repeat on the same
+// server costs no Redis round trip, is still marked replayed, and still
+// refuses a different request under the key.
+func TestLocalCache(t *testing.T) {
+	b := newMiniredisBackend(t)
+	rt := &roundTrips{}
+	b.client.AddHook(rt)
+	env := newTestEnv(t, b.store, envConfig{opts: []Option{WithLocalCache(100, time.Minute)}})
+	ctx := withKey(testCtx(t), "lc")
+	req := &testingv1.DoRequest{Id: "lc", Amount: 1}
+	first, err := env.client.Do(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := rt.n.Load()
+	var h metadata.MD
+	again, err := env.client.Do(ctx, req, grpc.Header(&h))
+	if err != nil || !proto.Equal(first, again) || !Replayed(h) {
+		t.Fatalf("cached repeat = %v, %v (replayed %v); want %v, replayed", again, err, Replayed(h), first)
+	}
+	if n := rt.n.Load() - before; n != 0 {
+		t.Fatalf("cached repeat cost %d Redis round trips, want 0", n)
+	}
+	if e, _ := env.events.last(OutcomeReplayed); !e.Local {
+		t.Fatalf("replay event %+v: want Local", e)
+	}
+	_, err = env.client.Do(ctx, &testingv1.DoRequest{Id: "lc", Amount: 2})
+	wantStatus(t, err, codes.FailedPrecondition, ReasonKeyReused)
+	if n := env.svc.runs.Load(); n != 1 {
+		t.Fatalf("executions = %d, want 1", n)
+	}
+
+	// A record first seen through a claim reply is cached too.
+	env2 := newTestEnv(t, b.store, envConfig{opts: []Option{WithLocalCache(100, time.Minute)}})
+	if _, err := env2.client.Do(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	before = rt.n.Load()
+	if _, err := env2.client.Do(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if n := rt.n.Load() - before; n != 0 {
+		t.Fatalf("second repeat on another server cost %d round trips, want 0", n)
+	}
+}
+
+// TestLocalCacheBounds verifies LRU eviction and expiry.
+func TestLocalCacheBounds(t *testing.T) {
+	c := newLocalCache(2, time.Minute)
+	now := time.Now()
+	for _, k := range []string{"a", "b", "c"} {
+		c.put(k, nil, now, time.Hour)
+	}
+	if c.get("a", now) != nil || c.ll.Len() != 2 {
+		t.Fatalf("LRU kept %d entries including the oldest; want 2 without it", c.ll.Len())
+	}
+	if c.get("c", now.Add(time.Minute)) != nil {
+		t.Fatal("entry served after maxAge")
+	}
+}
+
+// TestCoalescing verifies that with WithCoalescing a burst of identical
+// calls on one server makes one claim and one execution, and every caller
+// gets the response.
+func TestCoalescing(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		release := make(chan struct{})
+		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+			<-release
+			return &testingv1.DoResponse{Execution: n}, nil
+		}}
+		var joined atomic.Int64
+		testHookJoined = func() { joined.Add(1) }
+		t.Cleanup(func() { testHookJoined = nil })
+		store := &countingStore{Store: b.store}
+		env := newTestEnv(t, store, envConfig{svc: svc, opts: []Option{WithCoalescing()}})
+		ctx := withKey(testCtx(t), "burst")
+		const n = 16
+		var wg sync.WaitGroup
+		errs := make([]error, n)
+		resps := make([]*testingv1.DoResponse, n)
+		for i := 0; i < n; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				resps[i], errs[i] = env.client.Do(ctx, &testingv1.DoRequest{Id: "burst"})
+			}(i)
+		}
+		// All but the leader join its flight before it finishes.
+		for joined.Load() < n-1 {
+			select {
+			case <-ctx.Done():
+				t.Fatalf("timed out: %d waiters joined", joined.Load())
+			case <-time.After(time.Millisecond):
+			}
+		}
+		close(release)
+		wg.Wait()
+		for i := range errs {
+			if errs[i] != nil || resps[i].GetExecution() != 1 {
+				t.Fatalf("caller %d: %v, %v; want execution 1", i, resps[i], errs[i])
+			}
+		}
+		if c := store.claims.Load(); c != 1 {
+			t.Fatalf("store claims = %d, want 1", c)
+		}
+		if r := svc.runs.Load(); r != 1 {
+			t.Fatalf("executions = %d, want 1", r)
+		}
+	})
+}
+
