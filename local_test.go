@@ -125,4 +125,3 @@ func TestCoalescing(t *testing.T) {
 		}
 	})
 }
-
