@@ -1,0 +1,114 @@
+package idempotencyotel
+
+import (
+	"context"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/idempotency-grpc/idempotency"
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+)
+
+// brokenStore fails every claim, as an unreachable Redis would.
+type brokenStore struct{ idempotency.Store }
+
+func (brokenStore) Claim(context.Context, string, string, []byte, time.Duration) (idempotency.ClaimResult, error) {
+	return idempotency.ClaimResult{}, errors.New("connection refused")
+}
+
+// stealingStore loses every lease before the outcome is written.
+type stealingStore struct{ idempotency.Store }
+
+func (stealingStore) Complete(context.Context, string, string, []byte, time.Duration) error {
+	return idempotency.ErrLeaseLost
+}
+
+type outcomeSvc struct {
+	testingv1.UnimplementedTestServiceServer
+}
+
+func (outcomeSvc) Do(ctx context.Context, req *testingv1.DoRequest) (*testingv1.DoResponse, error) {
+	if req.GetId() == "panic" {
+		panic("boom")
+	}
+	return &testingv1.DoResponse{Id: req.GetId(), Payload: req.GetPayload()}, nil
+}
+
+func recoverer(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = status.Error(codes.Internal, "panic")
+		}
+	}()
+	return h(ctx, req)
+}
+
+// TestOutcomeKinds checks, one subtest per outcome kind not covered by
+// TestEveryOutcomeIsCounted, that the counter of that outcome moved by
+// exactly one.
+func TestOutcomeKinds(t *testing.T) {
+	big := make([]byte, 4096)
+	for _, tc := range []struct {
+		outcome idempotency.Outcome
+		store   idempotency.Store
+		opts    []idempotency.Option
+		req     *testingv1.DoRequest
+		repeat  bool
+	}{
+		{outcome: idempotency.OutcomeStoreUnavailable, store: brokenStore{idempotency.NewMemoryStore()}},
+		{outcome: idempotency.OutcomeFailOpen, store: brokenStore{idempotency.NewMemoryStore()}, opts: []idempotency.Option{idempotency.WithFailOpen()}},
+		{outcome: idempotency.OutcomeLeaseLost, store: stealingStore{idempotency.NewMemoryStore()}},
+		{outcome: idempotency.OutcomePanicked, req: &testingv1.DoRequest{Id: "panic"}},
+		{outcome: idempotency.OutcomeTooLarge, req: &testingv1.DoRequest{Payload: big}, opts: []idempotency.Option{idempotency.WithMaxRecordSize(1024)}},
+		{outcome: idempotency.OutcomeAlreadyProcessed, repeat: true, opts: []idempotency.Option{idempotency.WithRejectRepeats()}},
+	} {
+		t.Run(string(tc.outcome), func(t *testing.T) {
+			reader := sdkmetric.NewManualReader()
+			observe, err := NewObserver(WithMeterProvider(sdkmetric.NewMeterProvider(sdkmetric.WithReader(reader))))
+			if err != nil {
+				t.Fatal(err)
+			}
+			store := tc.store
+			if store == nil {
+				store = idempotency.NewMemoryStore()
+			}
+			srv := grpc.NewServer(grpc.ChainUnaryInterceptor(recoverer,
+				idempotency.UnaryServerInterceptor(store, append([]idempotency.Option{idempotency.WithObserver(observe)}, tc.opts...)...)))
+			testingv1.RegisterTestServiceServer(srv, outcomeSvc{})
+			lis := bufconn.Listen(1 << 20)
+			go func() { _ = srv.Serve(lis) }()
+			defer srv.Stop()
+			conn, err := grpc.NewClient("passthrough:///bufnet",
+				grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+				grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			ctx = metadata.AppendToOutgoingContext(ctx, "idempotency-key", "k")
+			req := tc.req
+			if req == nil {
+				req = &testingv1.DoRequest{Id: "x"}
+			}
+			client := testingv1.NewTestServiceClient(conn)
+			_, _ = client.Do(ctx, req)
+			if tc.repeat {
+				_, _ = client.Do(ctx, req)
+			}
+			if got := calls(t, reader, tc.outcome); got != 1 {
+				t.Fatalf("%s counter = %d, want 1", tc.outcome, got)
+			}
+		})
+	}
+}
