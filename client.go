@@ -6,7 +6,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 	"time"
 
@@ -14,12 +13,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
-	"google.golang.org/protobuf/reflect/protoregistry"
-	"google.golang.org/protobuf/types/descriptorpb"
-
-	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 )
 
 // UnaryClientInterceptor returns a client interceptor that gives every call to
@@ -183,11 +176,18 @@ func (o *clientOptions) invokeWithRetry(ctx context.Context, method string, req,
 		attemptOpts[n+1] = grpc.Trailer(&trailer)
 
 		actx, cancel := ctx, context.CancelFunc(func() {})
+		perAttemptBound := false // the attempt's deadline is ours, not the caller's
 		if o.perAttempt > 0 {
-			actx, cancel = context.WithTimeout(ctx, o.perAttempt)
+			dl := time.Now().Add(o.perAttempt)
+			parent, ok := ctx.Deadline()
+			perAttemptBound = !ok || dl.Before(parent)
+			actx, cancel = context.WithDeadline(ctx, dl)
 		}
 		err := invoker(actx, method, req, reply, cc, attemptOpts...)
-		attemptTimedOut := errors.Is(actx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
+		// The server may see the propagated deadline pass, and reset the
+		// stream, a moment before our own timer fires.
+		attemptTimedOut := perAttemptBound && ctx.Err() == nil &&
+			(errors.Is(actx.Err(), context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded)
 		cancel()
 
 		res.Attempts = attempt

@@ -86,8 +86,8 @@ func WithoutRetries() ClientOption {
 // (n = 1, 2, ...) the interceptor waits a uniformly random time between 0 and
 // min(maxDelay, base·2^(n-1)) ("full jitter"), but never less than a delay the
 // server asked for with google.rpc.RetryInfo. The defaults are 100ms and 2s.
-// A negative value keeps its default; base 0 retries at once unless the server
-// asked for a delay. maxDelay below base is raised to base.
+// A negative value leaves that bound unchanged; base 0 retries at once unless
+// the server asked for a delay. maxDelay below base is raised to base.
 func WithBackoff(base, maxDelay time.Duration) ClientOption {
 	return func(o *clientOptions) {
 		if base >= 0 {
@@ -101,11 +101,12 @@ func WithBackoff(base, maxDelay time.Duration) ClientOption {
 }
 
 // WithPerAttemptTimeout bounds each attempt by d, within the caller's own
-// deadline. An attempt cut off by this timeout, while the caller's context is
-// still live, is retried with the same key: the server either finishes the
-// first execution and replays it, or answers "in progress". The default, 0,
-// sets no per-attempt timeout; each attempt then runs until the caller's
-// deadline.
+// deadline. An attempt that fails with DeadlineExceeded while bound by this
+// timeout (not by the caller's earlier deadline), and while the caller's
+// context is still live, is retried with the same key: the server then
+// replays the first execution, or answers "in progress" while it still runs.
+// The default, 0, sets no per-attempt timeout; each attempt then runs until
+// the caller's deadline.
 func WithPerAttemptTimeout(d time.Duration) ClientOption {
 	return func(o *clientOptions) {
 		o.perAttempt = max(d, 0)
