@@ -64,6 +64,13 @@ func UnaryClientInterceptor(opts ...ClientOption) grpc.UnaryClientInterceptor {
 		for _, i := range info {
 			*i = res
 		}
+		if o.observer != nil {
+			e := ClientEvent{Method: method, Attempts: res.Attempts, Replayed: res.Replayed, Code: status.Code(err)}
+			if key != "" {
+				e.KeyHash = keyHash(key)
+			}
+			o.observer(ctx, e)
+		}
 		return err
 	}
 }

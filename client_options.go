@@ -32,6 +32,7 @@ type clientOptions struct {
 	generateKey func() (string, error)
 	jitter      func(upTo time.Duration) time.Duration // uniform in [0, upTo]
 	sleep       func(ctx context.Context, d time.Duration) error
+	observer    func(ctx context.Context, e ClientEvent)
 }
 
 func evaluateClientOptions(opts []ClientOption) *clientOptions {
@@ -186,4 +187,29 @@ func clientSleep(ctx context.Context, d time.Duration) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// ClientEvent describes one logical call made through
+// [UnaryClientInterceptor], after its last attempt. It is passed to the
+// observer set with [WithClientObserver].
+type ClientEvent struct {
+	// Method is the full gRPC method name.
+	Method string
+	// KeyHash is a short hash of the key sent ("" when none was): keys are
+	// never reported in full.
+	KeyHash string
+	// Attempts is the number of attempts the interceptor made; Attempts-1
+	// is the number of retries the call needed.
+	Attempts int
+	// Replayed reports whether the final answer was a replay.
+	Replayed bool
+	// Code is the gRPC code of the final answer.
+	Code codes.Code
+}
+
+// WithClientObserver calls observe once per logical call, after its last
+// attempt, with the [ClientEvent] describing it. observe runs on the call
+// path and must not block. Default: none.
+func WithClientObserver(observe func(ctx context.Context, e ClientEvent)) ClientOption {
+	return func(o *clientOptions) { o.observer = observe }
 }

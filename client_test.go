@@ -1192,3 +1192,37 @@ func TestClientE2ECallerHeaderOption(t *testing.T) {
 		}
 	}
 }
+
+// TestClientObserver verifies that the observer gets one event per logical
+// call with the number of attempts it needed, and never the key itself.
+func TestClientObserver(t *testing.T) {
+	var mu sync.Mutex
+	var events []ClientEvent
+	observe := func(_ context.Context, e ClientEvent) {
+		mu.Lock()
+		events = append(events, e)
+		mu.Unlock()
+	}
+	fails := 2
+	invoker := func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, opts ...grpc.CallOption) error {
+		if fails > 0 {
+			fails--
+			return status.Error(codes.Unavailable, "down")
+		}
+		return nil
+	}
+	ic := UnaryClientInterceptor(WithClientObserver(observe), WithBackoff(time.Microsecond, time.Microsecond))
+	ctx := WithKey(context.Background(), "secret-key")
+	if err := ic(ctx, "/idempotency.testing.v1.TestService/Do", nil, nil, nil, invoker); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(events) != 1 {
+		t.Fatalf("%d events, want 1 per logical call", len(events))
+	}
+	e := events[0]
+	if e.Attempts != 3 || e.Code != codes.OK || e.KeyHash == "" || len(e.KeyHash) != 12 {
+		t.Fatalf("event %+v: want 3 attempts, OK, and a hash instead of the key", e)
+	}
+}

@@ -26,6 +26,13 @@ const (
 	// CallsMetric counts calls handled by the server interceptor, by
 	// rpc.method, idempotency.outcome and idempotency.replayed.
 	CallsMetric = "idempotency.server.calls"
+	// ClientCallsMetric counts logical calls made through the client
+	// interceptor, by rpc.method, rpc.grpc.status_code and
+	// idempotency.replayed.
+	ClientCallsMetric = "idempotency.client.calls"
+	// ClientAttemptsMetric is a histogram of attempts per logical call (1 =
+	// no retry), by rpc.method.
+	ClientAttemptsMetric = "idempotency.client.attempts"
 	// StoreDurationMetric is a histogram of the time spent in the store per
 	// call (claim, plus complete or release), in seconds, by rpc.method and
 	// idempotency.outcome.
@@ -93,5 +100,40 @@ func NewObserver(opts ...Option) (func(context.Context, idempotency.Event), erro
 		}
 		span.SetAttributes(kv...)
 		span.AddEvent("idempotency."+string(e.Outcome), trace.WithAttributes(kv...))
+	}, nil
+}
+
+// NewClientObserver returns an observer for idempotency.WithClientObserver
+// that counts logical calls and records how many attempts each needed.
+func NewClientObserver(opts ...Option) (func(context.Context, idempotency.ClientEvent), error) {
+	c := &config{}
+	for _, o := range opts {
+		o(c)
+	}
+	if c.mp == nil {
+		c.mp = otel.GetMeterProvider()
+	}
+	m := c.mp.Meter(ScopeName)
+	calls, err := m.Int64Counter(ClientCallsMetric, metric.WithUnit("{call}"),
+		metric.WithDescription("Logical calls made through the idempotency client interceptor."))
+	if err != nil {
+		return nil, err
+	}
+	attempts, err := m.Int64Histogram(ClientAttemptsMetric, metric.WithUnit("{attempt}"),
+		metric.WithDescription("Attempts per logical call made through the idempotency client interceptor."),
+		metric.WithExplicitBucketBoundaries(1, 2, 3, 4, 5, 10))
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context, e idempotency.ClientEvent) {
+		calls.Add(ctx, 1, metric.WithAttributes(AttrMethod.String(e.Method), AttrCode.Int(int(e.Code)), AttrReplayed.Bool(e.Replayed)))
+		attempts.Record(ctx, int64(e.Attempts), metric.WithAttributes(AttrMethod.String(e.Method)))
+		if span := trace.SpanFromContext(ctx); span.IsRecording() {
+			kv := []attribute.KeyValue{AttrReplayed.Bool(e.Replayed), attribute.Int("idempotency.attempts", e.Attempts)}
+			if e.KeyHash != "" {
+				kv = append(kv, AttrKeyHash.String(e.KeyHash))
+			}
+			span.SetAttributes(kv...)
+		}
 	}, nil
 }
