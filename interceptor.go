@@ -151,6 +151,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 		Fingerprint: c.fp,
 		Method:      c.method,
 		CreateTime:  timestamppb.New(s.o.now()),
+		LeaseToken:  c.token,
 	})
 	if err != nil {
 		return nil, s.fail(ctx, c, OutcomeRejected, status.Error(codes.Internal, "idempotency: encode record"), err)
@@ -161,8 +162,16 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 		res, err := s.store.Claim(ctx, c.storeKey, c.token, inProgress, s.o.lease)
 		c.ev.StoreLatency += time.Since(start)
 		if err != nil {
+			// The claim may have been applied with its reply lost: free it
+			// in the background rather than leave it until its lease ends.
+			// The release is fenced by the token, so it frees nothing else.
+			go func() {
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
+				defer cancel()
+				_ = s.store.Release(rctx, c.storeKey, c.token)
+			}()
 			if ctx.Err() != nil {
-				return nil, s.fail(ctx, c, OutcomeStoreUnavailable, status.FromContextError(ctx.Err()).Err(), err)
+				return nil, s.fail(ctx, c, OutcomeCanceled, status.FromContextError(ctx.Err()).Err(), err)
 			}
 			if s.o.failOpen {
 				c.ev.Outcome, c.ev.Err = OutcomeFailOpen, err
@@ -178,6 +187,11 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			return s.execute(ctx, c, req, handler)
 		}
 		rec, err := decodeRecord(res.Record)
+		if err == nil && rec.GetState() == idempotencyv1.Record_STATE_IN_PROGRESS && rec.GetLeaseToken() == c.token {
+			// Our own claim, applied by an earlier try of the same command
+			// whose reply was lost (a client-library retry).
+			return s.execute(ctx, c, req, handler)
+		}
 		if err == nil && rec.GetMethod() != c.method {
 			err = fmt.Errorf("%w: record of method %q", ErrCorruptRecord, rec.GetMethod())
 		}

@@ -683,3 +683,55 @@ func TestKeyFromRequestField(t *testing.T) {
 	_, err := env.client.Do(ctx, &testingv1.DoRequest{RequestId: "bad key"})
 	wantStatus(t, err, codes.InvalidArgument, ReasonKeyInvalid)
 }
+
+// lostReplyStore applies a claim and then loses its reply: with retry set it
+// sends the claim again (as a client library retrying after a network error
+// would) and returns that answer; without, it returns an error.
+type lostReplyStore struct {
+	Store
+	retry bool
+	once  sync.Once
+}
+
+func (s *lostReplyStore) Claim(ctx context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error) {
+	lost := false
+	s.once.Do(func() { lost = true })
+	res, err := s.Store.Claim(ctx, key, token, record, lease)
+	if !lost || err != nil {
+		return res, err
+	}
+	if s.retry {
+		return s.Store.Claim(ctx, key, token, record, lease)
+	}
+	return ClaimResult{}, errors.New("i/o timeout")
+}
+
+// TestLostClaimReply verifies the two ways a claim's reply can be lost: a
+// retried claim recognises its own record and runs the handler (not "in
+// progress" to itself), and a failed claim is released in the background so
+// the client's retry runs without waiting for the lease.
+func TestLostClaimReply(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		env := newTestEnv(t, &lostReplyStore{Store: b.store, retry: true}, envConfig{})
+		ctx := withKey(testCtx(t), "retried")
+		if r, err := env.client.Do(ctx, &testingv1.DoRequest{}); err != nil || r.GetExecution() != 1 {
+			t.Fatalf("call whose claim was retried = %v, %v; want execution 1", r, err)
+		}
+
+		env2 := newTestEnv(t, &lostReplyStore{Store: b.store}, envConfig{})
+		ctx2 := withKey(testCtx(t), "failed")
+		_, err := env2.client.Do(ctx2, &testingv1.DoRequest{})
+		wantStatus(t, err, codes.Unavailable, ReasonStoreUnavailable)
+		sk := StoreKey(methodDo, "", "failed")
+		for b.exists(sk) {
+			select {
+			case <-ctx2.Done():
+				t.Fatal("the applied claim was never released")
+			case <-time.After(time.Millisecond):
+			}
+		}
+		if r, err := env2.client.Do(ctx2, &testingv1.DoRequest{}); err != nil || r.GetExecution() != 1 {
+			t.Fatalf("retry after a failed claim = %v, %v; want execution 1", r, err)
+		}
+	})
+}

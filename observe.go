@@ -53,6 +53,9 @@ const (
 	// OutcomeStoreUnavailable: the store failed before the handler could be
 	// claimed (Unavailable); the handler did not run.
 	OutcomeStoreUnavailable Outcome = "store_unavailable"
+	// OutcomeCanceled: the caller's context ended before the key could be
+	// claimed; the handler did not run.
+	OutcomeCanceled Outcome = "canceled"
 	// OutcomeFailOpen: the store failed and [WithFailOpen] ran the handler
 	// unprotected.
 	OutcomeFailOpen Outcome = "fail_open"

@@ -112,7 +112,11 @@ type Record struct {
 	CompleteTime *timestamppb.Timestamp `protobuf:"bytes,11,opt,name=complete_time,json=completeTime,proto3" json:"complete_time,omitempty"`
 	// response_size is the encoded size of the outcome that was too large to
 	// store (STATE_TOO_LARGE only).
-	ResponseSize  int64 `protobuf:"varint,12,opt,name=response_size,json=responseSize,proto3" json:"response_size,omitempty"`
+	ResponseSize int64 `protobuf:"varint,12,opt,name=response_size,json=responseSize,proto3" json:"response_size,omitempty"`
+	// lease_token is the owner token of an in-progress record. A claim whose
+	// reply was lost and whose command was retried recognises its own claim by
+	// it. The store also keeps the token beside the record, for fencing.
+	LeaseToken    string `protobuf:"bytes,13,opt,name=lease_token,json=leaseToken,proto3" json:"lease_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -229,6 +233,13 @@ func (x *Record) GetResponseSize() int64 {
 		return x.ResponseSize
 	}
 	return 0
+}
+
+func (x *Record) GetLeaseToken() string {
+	if x != nil {
+		return x.LeaseToken
+	}
+	return ""
 }
 
 // Status mirrors google.rpc.Status without importing googleapis.
@@ -354,7 +365,7 @@ var File_idempotency_v1_record_proto protoreflect.FileDescriptor
 
 const file_idempotency_v1_record_proto_rawDesc = "" +
 	"\n" +
-	"\x1bidempotency/v1/record.proto\x12\x0eidempotency.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x04\n" +
+	"\x1bidempotency/v1/record.proto\x12\x0eidempotency.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x05\n" +
 	"\x06Record\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x122\n" +
 	"\x05state\x18\x02 \x01(\x0e2\x1c.idempotency.v1.Record.StateR\x05state\x12 \n" +
@@ -369,7 +380,9 @@ const file_idempotency_v1_record_proto_rawDesc = "" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12?\n" +
 	"\rcomplete_time\x18\v \x01(\v2\x1a.google.protobuf.TimestampR\fcompleteTime\x12#\n" +
-	"\rresponse_size\x18\f \x01(\x03R\fresponseSize\"_\n" +
+	"\rresponse_size\x18\f \x01(\x03R\fresponseSize\x12\x1f\n" +
+	"\vlease_token\x18\r \x01(\tR\n" +
+	"leaseToken\"_\n" +
 	"\x05State\x12\x15\n" +
 	"\x11STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11STATE_IN_PROGRESS\x10\x01\x12\x13\n" +
