@@ -79,7 +79,10 @@ func NewObserver(opts ...Option) (func(context.Context, idempotency.Event), erro
 		return nil, err
 	}
 	storeDur, err := m.Float64Histogram(StoreDurationMetric, metric.WithUnit("s"),
-		metric.WithDescription("Time spent in the idempotency store per call."))
+		metric.WithDescription("Time spent in the idempotency store per call."),
+		// A store call is a Redis round trip or two: sub-millisecond to a
+		// second, far below OpenTelemetry's default bounds (0 to 10000).
+		metric.WithExplicitBucketBoundaries(0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 	if err != nil {
 		return nil, err
 	}

@@ -5,8 +5,10 @@
 // Usage:
 //
 //	go run ./examples/payments [demo] [--redis ADDRS]
-//	go run ./examples/payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION]
+//	go run ./examples/payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]
 //	go run ./examples/payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
+//	go run ./examples/payments inspect --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
+//	go run ./examples/payments forget --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
 //
 // demo (the default command) tells the double-charge story on the terminal:
 // a charge whose answer is lost on the way back and is retried with the same
@@ -24,12 +26,33 @@
 // Event.KeyHash in production) and what the interceptor did (executed,
 // replayed or refused). --latency makes each real charge take that long, like
 // a slow payment provider, so that in-flight duplicates can be seen. The
-// ledger lives in memory and starts empty on each start.
+// ledger lives in memory and starts empty on each start. Without --redis,
+// serve logs the address of its embedded Redis ("embedded Redis at
+// 127.0.0.1:PORT"), which inspect and forget can use while serve runs.
+//
+// With --metrics-addr, serve also serves the interceptor's metrics over
+// HTTP at /metrics, in the Prometheus text format, under the names the otel
+// module's metrics get through OpenTelemetry's Prometheus exporter:
+// idempotency_server_calls_total (a counter, by rpc_method,
+// idempotency_outcome and idempotency_replayed) and
+// idempotency_store_duration_seconds (a histogram of the time spent in the
+// store per call, by rpc_method and idempotency_outcome). Try
+// "curl -s 127.0.0.1:9464/metrics | grep idempotency_" as calls come in.
 //
 // client sends one Charge to a running server through the client
 // interceptor, which retries Unavailable with the same key, and prints the
 // charge, the key used and whether the answer was a replay. Without --key the
 // interceptor generates a key; pass it back with --key to repeat the call.
+//
+// inspect looks up the record of the key a client sent to a method (Charge
+// by default; with --scope when the server scopes keys), for the "my charge
+// is stuck in progress" ticket: its state (in_progress, completed or
+// too_large), method, age, time to live, the stored code (OK, or the error
+// that repeats get back) and the size of the stored response, never the
+// response itself. It exits 1 when there is no record. forget deletes the
+// record, so that the next call with the key runs the handler again; forget
+// an in-progress record only when its call is known to be dead. Both need
+// --redis: the records live in Redis, not in the serve process.
 //
 // ADDRS is host:port of one Redis, or a comma-separated list of Redis
 // Cluster nodes. Without --redis, demo and serve start an embedded Redis
@@ -45,6 +68,7 @@ import (
 	"log"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -65,14 +89,19 @@ func main() {
 const usageText = `Usage:
   payments [demo] [--redis ADDRS]
       tell the double-charge story and check it (exit 0 if every expectation held)
-  payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION]
-      serve payments.v1.PaymentsService (with reflection) until SIGINT/SIGTERM
+  payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]
+      serve payments.v1.PaymentsService (with reflection) until SIGINT/SIGTERM,
+      and with --metrics-addr its idempotency metrics at http://ADDR/metrics
   payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
       send one Charge through the client interceptor and print the outcome
+  payments inspect --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
+      show the stored record of a key: state, age, TTL, code, size (exit 1 if none)
+  payments forget --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
+      delete the record of a key, so that its next call runs again
 
 ADDRS is host:port, or a comma-separated list of Redis Cluster nodes; without
---redis an embedded Redis (miniredis) is used. "payments COMMAND -h" lists a
-command's flags.
+--redis, demo and serve use an embedded Redis (miniredis), whose address serve
+logs for inspect and forget. "payments COMMAND -h" lists a command's flags.
 `
 
 // run runs the command in args and returns the exit code: 0 on success, 1
@@ -90,6 +119,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = serveCommand(ctx, args, stderr)
 	case "client":
 		err = clientCommand(ctx, args, stdout, stderr)
+	case "inspect":
+		err = inspectCommand(ctx, args, stdout, stderr)
+	case "forget":
+		err = forgetCommand(ctx, args, stdout, stderr)
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usageText)
 		return 0
@@ -155,56 +188,106 @@ func demoCommand(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	store, desc, closeStore, err := openStore(ctx, *redisAddrs)
+	store, err := openStore(ctx, *redisAddrs)
 	if err != nil {
 		return err
 	}
-	defer closeStore()
-	return runStory(ctx, stdout, store, desc)
+	defer store.close()
+	return runStory(ctx, stdout, store, store.desc)
 }
 
 func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION]", stderr)
+	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]", stderr)
 	addr := fs.String("addr", "127.0.0.1:50051", "`host:port` to listen on")
 	redisAddrs := fs.String("redis", "", redisFlagHelp)
 	latency := fs.Duration("latency", 0, "how long each real charge takes, like a slow payment provider (e.g. 2s)")
+	metricsAddr := fs.String("metrics-addr", "", "`host:port` to serve the idempotency metrics on, at /metrics in the Prometheus text format (default: none)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	store, desc, closeStore, err := openStore(ctx, *redisAddrs)
+	store, err := openStore(ctx, *redisAddrs)
 	if err != nil {
 		return err
 	}
-	defer closeStore()
+	defer store.close()
 	lis, err := net.Listen("tcp", *addr)
 	if err != nil {
 		return err
 	}
+	defer lis.Close()
+	var metricsLis net.Listener
+	if *metricsAddr != "" {
+		if metricsLis, err = net.Listen("tcp", *metricsAddr); err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		defer metricsLis.Close()
+	}
 	logger := log.New(stderr, "", log.LstdFlags)
 	logger.Printf("serving payments.v1.PaymentsService on %s (reflection on); idempotency store: %s; latency per charge: %s",
-		lis.Addr(), desc, *latency)
+		lis.Addr(), store.desc, *latency)
+	if store.embeddedAddr != "" {
+		logger.Printf("embedded Redis at %s: while this server runs, look a record up with: payments inspect --redis %s --key K",
+			store.embeddedAddr, store.embeddedAddr)
+	}
+	if metricsLis != nil {
+		logger.Printf("metrics at http://%s/metrics (Prometheus text format)", metricsLis.Addr())
+	}
 	logger.Printf("try: grpcurl -plaintext -H 'idempotency-key: k1' -d '{\"account_id\":\"acct_1\",\"amount_cents\":1999,\"currency\":\"EUR\"}' %s payments.v1.PaymentsService/Charge", lis.Addr())
-	return serve(ctx, lis, store, *latency, logger)
+	return serve(ctx, lis, serveOptions{store: store, latency: *latency, metricsLis: metricsLis, logger: logger})
+}
+
+// serveOptions configure serve.
+type serveOptions struct {
+	store   idempotency.Store
+	latency time.Duration
+	// metricsLis, when set, serves the interceptor's metrics at /metrics.
+	metricsLis net.Listener
+	logger     *log.Logger
 }
 
 // serve serves the payments service on lis until ctx is done, then stops
 // gracefully: it stops accepting calls and waits (up to 10 s) for those in
-// flight.
-func serve(ctx context.Context, lis net.Listener, store idempotency.Store, latency time.Duration, logger *log.Logger) error {
-	srv := newServer(serverConfig{
-		ledger:   newLedger(latency),
-		store:    store,
+// flight. The metrics endpoint, if any, stays up until they are done.
+func serve(ctx context.Context, lis net.Listener, o serveOptions) error {
+	logger := o.logger
+	cfg := serverConfig{
+		ledger:   newLedger(o.latency),
+		store:    o.store,
 		opts:     []idempotency.Option{idempotency.WithLogger(slog.New(slog.NewTextHandler(logger.Writer(), nil)))},
 		logLine:  func(line string) { logger.Print(line) },
 		detailed: true,
-	})
+	}
+	var metricsSrv *http.Server
+	metricsServed := make(chan error, 1)
+	if o.metricsLis != nil {
+		cfg.metrics = newMetrics()
+		metricsSrv = &http.Server{Handler: metricsHandler(cfg.metrics), ReadHeaderTimeout: 10 * time.Second}
+		go func() { metricsServed <- metricsSrv.Serve(o.metricsLis) }()
+	}
+	srv := newServer(cfg)
 	reflection.Register(srv)
+
+	metricsFailed := false
+	defer func() { // after the gRPC server, so that the last calls can be scraped
+		if metricsSrv != nil {
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			_ = metricsSrv.Shutdown(sctx)
+			cancel()
+			if !metricsFailed {
+				<-metricsServed // http.ErrServerClosed
+			}
+		}
+	}()
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
+	var failed error
 	select {
 	case err := <-served:
 		return err
+	case err := <-metricsServed:
+		metricsFailed, failed = true, fmt.Errorf("metrics: %w", err)
+		logger.Printf("stopping: %v", failed)
 	case <-ctx.Done():
 	}
 	logger.Print("stopping: waiting for the calls in flight")
@@ -223,6 +306,9 @@ func serve(ctx context.Context, lis net.Listener, store idempotency.Store, laten
 		<-stopped
 	}
 	<-served // nil once stopped
+	if failed != nil {
+		return failed
+	}
 	logger.Print("stopped")
 	return nil
 }

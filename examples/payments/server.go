@@ -124,6 +124,8 @@ type serverConfig struct {
 	logLine func(line string)
 	// detailed adds error messages and durations to the log lines.
 	detailed bool
+	// metrics, when set, counts the interceptor's events for /metrics.
+	metrics *metrics
 }
 
 // newServer builds the gRPC server. The interceptor chain, outermost first:
@@ -139,7 +141,14 @@ func newServer(cfg serverConfig, opts ...grpc.ServerOption) *grpc.Server {
 		chain = append(chain, cfg.faults.intercept)
 	}
 	if cfg.store != nil {
-		iopts := append([]idempotency.Option{idempotency.WithObserver(observe)}, cfg.opts...)
+		observer := observe
+		if m := cfg.metrics; m != nil {
+			observer = func(ctx context.Context, e idempotency.Event) {
+				observe(ctx, e)
+				m.observe(ctx, e)
+			}
+		}
+		iopts := append([]idempotency.Option{idempotency.WithObserver(observer)}, cfg.opts...)
 		chain = append(chain, idempotency.UnaryServerInterceptor(cfg.store, iopts...))
 	}
 	srv := grpc.NewServer(append(opts, grpc.ChainUnaryInterceptor(chain...))...)
@@ -163,7 +172,8 @@ func notesFrom(ctx context.Context) *callNotes {
 }
 
 // observe is the idempotency interceptor's observer ([idempotency.WithObserver]):
-// it hands the call's Event to logCalls.
+// it hands the call's Event to logCalls. newServer chains the metrics'
+// observer after it when serve has --metrics-addr.
 func observe(ctx context.Context, e idempotency.Event) {
 	if n := notesFrom(ctx); n != nil {
 		n.mu.Lock()
@@ -334,18 +344,39 @@ func (f *faults) intercept(ctx context.Context, req any, _ *grpc.UnaryServerInfo
 	return nil, status.Error(codes.Unavailable, "connection lost before the answer arrived (simulated)")
 }
 
+// redisStore is the idempotency store the commands use: a [idempotency.RedisStore]
+// (which is also an [idempotency.AdminStore], for inspect and forget).
+type redisStore struct {
+	*idempotency.RedisStore
+	// desc describes where it is, for the logs.
+	desc string
+	// embeddedAddr is the address of the embedded Redis, "" for an
+	// external one.
+	embeddedAddr string
+	// close releases the client and stops the embedded Redis.
+	close func()
+}
+
 // openStore returns the idempotency store: Redis at addrs (one host:port,
 // or a comma-separated list for a Redis Cluster), or, when addrs is empty,
-// an embedded Redis (miniredis) started in this process. close releases it.
-func openStore(ctx context.Context, addrs string) (store idempotency.Store, desc string, closeStore func(), err error) {
+// an embedded Redis (miniredis) started in this process.
+func openStore(ctx context.Context, addrs string) (*redisStore, error) {
 	if strings.TrimSpace(addrs) == "" {
 		mr, err := miniredis.Run()
 		if err != nil {
-			return nil, "", nil, fmt.Errorf("starting the embedded Redis: %w", err)
+			return nil, fmt.Errorf("starting the embedded Redis: %w", err)
 		}
+		// Let time to live run on the wall clock, as in Redis (miniredis
+		// only counts it down on FastForward otherwise): leases end, and
+		// inspect shows the TTL actually left.
+		mr.ClockTTL(true)
 		rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mr.Addr()}})
-		return idempotency.NewRedisStore(rdb), "embedded Redis (miniredis) at " + mr.Addr(),
-			func() { _ = rdb.Close(); mr.Close() }, nil
+		return &redisStore{
+			RedisStore:   idempotency.NewRedisStore(rdb),
+			desc:         "embedded Redis (miniredis) at " + mr.Addr(),
+			embeddedAddr: mr.Addr(),
+			close:        func() { _ = rdb.Close(); mr.Close() },
+		}, nil
 	}
 	var list []string
 	for _, a := range strings.Split(addrs, ",") {
@@ -359,11 +390,11 @@ func openStore(ctx context.Context, addrs string) (store idempotency.Store, desc
 	defer cancel()
 	if err := rdb.Ping(pctx).Err(); err != nil {
 		_ = rdb.Close()
-		return nil, "", nil, fmt.Errorf("cannot reach Redis at %s: %w", strings.Join(list, ","), err)
+		return nil, fmt.Errorf("cannot reach Redis at %s: %w", strings.Join(list, ","), err)
 	}
-	desc = "Redis at " + list[0]
+	desc := "Redis at " + list[0]
 	if len(list) > 1 {
 		desc = "Redis Cluster at " + strings.Join(list, ",")
 	}
-	return idempotency.NewRedisStore(rdb), desc, func() { _ = rdb.Close() }, nil
+	return &redisStore{RedisStore: idempotency.NewRedisStore(rdb), desc: desc, close: func() { _ = rdb.Close() }}, nil
 }

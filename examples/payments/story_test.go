@@ -121,11 +121,11 @@ func TestStoryFailsWhenTheStoreForgets(t *testing.T) {
 func TestServeAndClient(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
-	store, _, closeStore, err := openStore(ctx, "") // the embedded Redis
+	store, err := openStore(ctx, "") // the embedded Redis
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer closeStore()
+	defer store.close()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +135,7 @@ func TestServeAndClient(t *testing.T) {
 	logger := log.New(&syncWriter{w: &logs}, "", 0)
 	serveCtx, stop := context.WithCancel(ctx)
 	served := make(chan error, 1)
-	go func() { served <- serve(serveCtx, lis, store, 0, logger) }()
+	go func() { served <- serve(serveCtx, lis, serveOptions{store: store, logger: logger}) }()
 	// shutdown is what SIGINT does to "payments serve".
 	shutdown := sync.OnceValue(func() error { stop(); return <-served })
 	defer shutdown()
@@ -238,6 +238,11 @@ func TestUsage(t *testing.T) {
 		{[]string{"serve", "extra"}, 2},
 		{[]string{"client", "--amount", "x"}, 2},
 		{[]string{"--no-such-flag"}, 2},
+		{[]string{"serve", "--metrics-addr"}, 2},
+		{[]string{"inspect", "--key", "k"}, 2},                                 // no --redis
+		{[]string{"forget", "--redis", "127.0.0.1:1"}, 2},                      // no --key
+		{[]string{"inspect", "--redis", "127.0.0.1:1", "--key", "bad key"}, 2}, // not a valid key
+		{[]string{"inspect", "-h"}, 0},
 	} {
 		if code := run(testContext(t), tc.args, io.Discard, io.Discard); code != tc.code {
 			t.Errorf("run(%q) = %d, want %d", tc.args, code, tc.code)

@@ -1,0 +1,279 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/idempotency-grpc/idempotency"
+	"google.golang.org/grpc/codes"
+)
+
+// logWatcher collects a command's log and lets a test wait, without
+// polling, until a line matching a pattern has been written.
+type logWatcher struct {
+	mu      sync.Mutex
+	buf     bytes.Buffer
+	changed chan struct{} // closed on the next write
+}
+
+func newLogWatcher() *logWatcher { return &logWatcher{changed: make(chan struct{})} }
+
+func (w *logWatcher) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	close(w.changed)
+	w.changed = make(chan struct{})
+	return w.buf.Write(p)
+}
+
+func (w *logWatcher) String() string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.buf.String()
+}
+
+// waitFor returns the submatches of the first match of re in the log,
+// waiting until there is one, ctx ends or exited is closed.
+func (w *logWatcher) waitFor(ctx context.Context, t *testing.T, re *regexp.Regexp, exited <-chan struct{}) []string {
+	t.Helper()
+	for {
+		w.mu.Lock()
+		m := re.FindStringSubmatch(w.buf.String())
+		changed := w.changed
+		w.mu.Unlock()
+		if m != nil {
+			return m
+		}
+		select {
+		case <-changed:
+		case <-exited:
+			t.Fatalf("the command exited before logging %q:\n%s", re, w)
+		case <-ctx.Done():
+			t.Fatalf("no log line matches %q: %v\n%s", re, ctx.Err(), w)
+		}
+	}
+}
+
+// "payments serve --metrics-addr" as an operator runs it, with the embedded
+// Redis: the counters move as calls come in, and "inspect" and "forget"
+// work against the Redis address serve logs.
+func TestServeMetricsInspectForget(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t)
+	logs := newLogWatcher()
+	serveCtx, stop := context.WithCancel(ctx)
+	exited := make(chan struct{})
+	var serveCode int
+	go func() {
+		defer close(exited)
+		serveCode = run(serveCtx, []string{"serve", "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"}, io.Discard, logs)
+	}()
+	// shutdown is what SIGINT does to "payments serve".
+	shutdown := sync.OnceValue(func() int { stop(); <-exited; return serveCode })
+	defer shutdown()
+
+	addr := logs.waitFor(ctx, t, regexp.MustCompile(`serving payments\.v1\.PaymentsService on (\S+) `), exited)[1]
+	redisAddr := logs.waitFor(ctx, t, regexp.MustCompile(`embedded Redis at (\S+): while this server runs, look a record up with: payments inspect --redis (\S+) --key K`), exited)[1]
+	metricsURL := "http://" + logs.waitFor(ctx, t, regexp.MustCompile(`metrics at http://(\S+)/metrics`), exited)[1] + "/metrics"
+
+	scrape := func() string {
+		t.Helper()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, metricsURL, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", metricsURL, err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET %s: %s, %v\n%s", metricsURL, resp.Status, err, body)
+		}
+		if ct := resp.Header.Get("Content-Type"); ct != "text/plain; version=0.0.4; charset=utf-8" {
+			t.Errorf("Content-Type %q", ct)
+		}
+		return string(body)
+	}
+	const charge = `rpc_method="/payments.v1.PaymentsService/Charge"`
+	callsLine := func(outcome string, replayed bool, n int) string {
+		return fmt.Sprintf(`idempotency_server_calls_total{%s,idempotency_outcome="%s",idempotency_replayed="%t"} %d`+"\n", charge, outcome, replayed, n)
+	}
+	storeCount := func(outcome string, n int) string {
+		return fmt.Sprintf(`idempotency_store_duration_seconds_count{%s,idempotency_outcome="%s"} %d`+"\n", charge, outcome, n)
+	}
+	expectMetrics := func(when string, want []string, absent ...string) {
+		t.Helper()
+		got := scrape()
+		ok := true
+		for _, w := range want {
+			if !strings.Contains(got, w) {
+				t.Errorf("%s: /metrics lacks %q", when, w)
+				ok = false
+			}
+		}
+		for _, a := range absent {
+			if strings.Contains(got, a) {
+				t.Errorf("%s: /metrics has %q", when, a)
+				ok = false
+			}
+		}
+		if !ok {
+			t.Fatalf("/metrics %s:\n%s", when, got)
+		}
+	}
+	chargeLine := regexp.MustCompile(`(?m)^charge: +(ch_\w+), 12\.34 EUR on acct_m,`)
+	client := func(wantReplayed bool) string {
+		t.Helper()
+		var o, e bytes.Buffer
+		code := run(ctx, []string{"client", "--addr", addr, "--account", "acct_m", "--amount", "1234", "--key", "m-1"}, &o, &e)
+		m := chargeLine.FindStringSubmatch(o.String())
+		if code != 0 || m == nil || !strings.Contains(o.String(), fmt.Sprintf("replayed: %t", wantReplayed)) {
+			t.Fatalf("client: exit %d, want 0 and replayed: %t\n%s%s", code, wantReplayed, &o, &e)
+		}
+		return m[1]
+	}
+	admin := func(args ...string) (code int, stdout, stderr string) {
+		var o, e bytes.Buffer
+		code = run(ctx, args, &o, &e)
+		return code, o.String(), e.String()
+	}
+
+	expectMetrics("before any call", []string{
+		"# HELP idempotency_server_calls_total Calls handled by the idempotency server interceptor, by outcome.\n",
+		"# TYPE idempotency_server_calls_total counter\n",
+		"# TYPE idempotency_store_duration_seconds histogram\n",
+	}, "idempotency_server_calls_total{")
+
+	first := client(false)
+	expectMetrics("after the first charge", []string{callsLine("executed", false, 1), storeCount("executed", 1),
+		`idempotency_store_duration_seconds_bucket{` + charge + `,idempotency_outcome="executed",le="+Inf"} 1` + "\n",
+		`idempotency_store_duration_seconds_sum{` + charge + `,idempotency_outcome="executed"} `,
+	}, `idempotency_outcome="replayed"`)
+
+	if again := client(true); again != first {
+		t.Fatalf("the repeat got charge %s, want the first one, %s", again, first)
+	}
+	expectMetrics("after the repeat", []string{callsLine("executed", false, 1), callsLine("replayed", true, 1),
+		storeCount("executed", 1), storeCount("replayed", 1)})
+
+	// inspect, with the method as grpcurl writes it (no leading slash).
+	code, out, errOut := admin("inspect", "--redis", redisAddr, "--method", "payments.v1.PaymentsService/Charge", "--key", "m-1")
+	if code != 0 {
+		t.Fatalf("inspect: exit %d\n%s%s", code, out, errOut)
+	}
+	for _, re := range []string{
+		`(?m)^record: +key "m-1" on /payments\.v1\.PaymentsService/Charge$`,
+		`(?m)^store: +Redis at ` + regexp.QuoteMeta(redisAddr) + `, Redis key idempotency:[0-9a-f]{64}$`,
+		`(?m)^state: +completed$`,
+		`(?m)^method: +/payments\.v1\.PaymentsService/Charge$`,
+		`(?m)^age: +[0-9.]+(ms|s) \(completed \d{4}-\d\d-\d\dT`,
+		`(?m)^ttl: +23h59m[0-9.]+s \(retention left\)$`, // counting down from 24h
+		`(?m)^code: +OK \(a stored response: repeats get it back\)$`,
+		`(?m)^response: +[1-9]\d* bytes$`,
+	} {
+		if !regexp.MustCompile(re).MatchString(out) {
+			t.Errorf("inspect output does not match %s:\n%s", re, out)
+		}
+	}
+
+	code, out, errOut = admin("forget", "--redis", redisAddr, "--key", "m-1")
+	if code != 0 || !strings.Contains(out, `forgot the record of key "m-1" on /payments.v1.PaymentsService/Charge (it was completed)`) {
+		t.Fatalf("forget: exit %d\n%s%s", code, out, errOut)
+	}
+	code, out, errOut = admin("inspect", "--redis", redisAddr, "--key", "m-1")
+	if code != 1 || out != "" || !strings.Contains(errOut, `payments inspect: no record for key "m-1" on /payments.v1.PaymentsService/Charge`) {
+		t.Errorf("inspect after forget: exit %d, stdout %q, stderr %q; want 1 and no record", code, out, errOut)
+	}
+	code, _, errOut = admin("forget", "--redis", redisAddr, "--key", "m-1")
+	if code != 1 || !strings.Contains(errOut, "payments forget: no record for key") {
+		t.Errorf("forget twice: exit %d, stderr %q; want 1 and no record", code, errOut)
+	}
+
+	// Forgotten: the same key charges again, with a new charge.
+	if third := client(false); third == first {
+		t.Errorf("after forget the key was replayed (%s), want a new charge", third)
+	}
+	expectMetrics("after forget and a new charge", []string{callsLine("executed", false, 2), callsLine("replayed", true, 1),
+		storeCount("executed", 2)})
+
+	if code := shutdown(); code != 0 {
+		t.Errorf("serve: exit %d\n%s", code, logs)
+	}
+	got := logs.String()
+	for _, want := range []string{"Charge key=m-1 executed: OK " + first, "Charge key=m-1 replayed: OK " + first, "stopped"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("server log lacks %q:\n%s", want, got)
+		}
+	}
+}
+
+// The exposition: sorted series, escaped label values, cumulative buckets.
+func TestMetricsExposition(t *testing.T) {
+	t.Parallel()
+	m := newMetrics()
+	ctx := context.Background()
+	for _, e := range []idempotency.Event{
+		{Method: "/z.S/M", Outcome: idempotency.OutcomeReplayed, StoreLatency: 2 * time.Millisecond},
+		{Method: "/z.S/M", Outcome: idempotency.OutcomeExecuted, StoreLatency: 300 * time.Microsecond},
+		{Method: "/z.S/M", Outcome: idempotency.OutcomeExecuted, StoreLatency: 3 * time.Second},
+		{Method: "/a.S/M\"\\\n", Outcome: idempotency.OutcomeKeyMissing, Code: codes.InvalidArgument}, // no store time
+		{Method: "/z.S/M", Outcome: idempotency.OutcomeReplayed, StoreLatency: 500 * time.Microsecond},
+	} {
+		m.observe(ctx, e)
+	}
+	var b strings.Builder
+	if err := m.write(&b); err != nil {
+		t.Fatal(err)
+	}
+	want := `# HELP idempotency_server_calls_total Calls handled by the idempotency server interceptor, by outcome.
+# TYPE idempotency_server_calls_total counter
+idempotency_server_calls_total{rpc_method="/a.S/M\"\\\n",idempotency_outcome="key_missing",idempotency_replayed="false"} 1
+idempotency_server_calls_total{rpc_method="/z.S/M",idempotency_outcome="executed",idempotency_replayed="false"} 2
+idempotency_server_calls_total{rpc_method="/z.S/M",idempotency_outcome="replayed",idempotency_replayed="true"} 2
+# HELP idempotency_store_duration_seconds Time spent in the idempotency store per call.
+# TYPE idempotency_store_duration_seconds histogram
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.00025"} 0
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.0005"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.001"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.0025"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.005"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.01"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.025"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.05"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.1"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.25"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="0.5"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="1"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="executed",le="+Inf"} 2
+idempotency_store_duration_seconds_sum{rpc_method="/z.S/M",idempotency_outcome="executed"} 3.0003
+idempotency_store_duration_seconds_count{rpc_method="/z.S/M",idempotency_outcome="executed"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.00025"} 0
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.0005"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.001"} 1
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.0025"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.005"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.01"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.025"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.05"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.1"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.25"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="0.5"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="1"} 2
+idempotency_store_duration_seconds_bucket{rpc_method="/z.S/M",idempotency_outcome="replayed",le="+Inf"} 2
+idempotency_store_duration_seconds_sum{rpc_method="/z.S/M",idempotency_outcome="replayed"} 0.0025
+idempotency_store_duration_seconds_count{rpc_method="/z.S/M",idempotency_outcome="replayed"} 2
+`
+	if got := b.String(); got != want {
+		t.Errorf("exposition:\n%s\nwant:\n%s", got, want)
+	}
+}
