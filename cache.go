@@ -16,7 +16,8 @@ import (
 // Every method must be atomic with respect to the others on the same key.
 // Errors other than [ErrLeaseLost] mean the store failed; the interceptor
 // turns them into Unavailable (reason STORE_UNAVAILABLE) and does not run
-// the handler.
+// the handler, except errors wrapping [ErrCorruptRecord] (the key holds
+// something that is not a record), which become DataLoss.
 //
 // [RedisStore] and [MemoryStore] implement it.
 type Store interface {
@@ -35,7 +36,9 @@ type Store interface {
 	// record, kept for ttl, and ends token's ownership. If another token owns
 	// the key it writes nothing and returns ErrLeaseLost. If the key is gone
 	// (the lease expired and nobody claimed it since) it stores the record
-	// anyway, since no other execution can exist, and returns nil.
+	// anyway, since no other execution can exist, and returns nil. Complete
+	// is idempotent for one token: repeating it after success (a retry whose
+	// first reply was lost) returns nil.
 	Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error
 
 	// Release deletes the in-progress record owned by token, so the next

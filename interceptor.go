@@ -173,6 +173,9 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			if ctx.Err() != nil {
 				return nil, s.fail(ctx, c, OutcomeCanceled, status.FromContextError(ctx.Err()).Err(), err)
 			}
+			if errors.Is(err, ErrCorruptRecord) {
+				return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
+			}
 			if s.o.failOpen {
 				c.ev.Outcome, c.ev.Err = OutcomeFailOpen, err
 				resp, herr := handler(contextWithServerKey(ctx, c.key), req)
@@ -315,16 +318,35 @@ func outcomeOfStoreErr(err error) Outcome {
 
 // finish completes the key with rec, or releases it when rec is nil. It
 // does not use the request's cancellation: a client that went away must not
-// cost the outcome.
+// cost the outcome. Store failures are retried with backoff until
+// WithCompleteTimeout ends; that is safe because both steps are fenced by the
+// token and Complete is idempotent for it. The caller's answer waits for it,
+// so an answer that reached the client was, in the normal case, stored.
 func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
 	defer cancel()
 	start := time.Now()
 	defer func() { c.ev.StoreLatency += time.Since(start) }()
-	if rec == nil {
-		return s.store.Release(fctx, c.storeKey, c.token)
+	backoff := 10 * time.Millisecond
+	for {
+		var err error
+		if rec == nil {
+			err = s.store.Release(fctx, c.storeKey, c.token)
+		} else {
+			err = s.store.Complete(fctx, c.storeKey, c.token, rec, s.o.ttl)
+		}
+		if err == nil || errors.Is(err, ErrLeaseLost) {
+			return err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-fctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 500*time.Millisecond)
 	}
-	return s.store.Complete(fctx, c.storeKey, c.token, rec, s.o.ttl)
 }
 
 // finalRecord encodes the outcome of the handler, or a too-large marker when

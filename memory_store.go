@@ -20,6 +20,7 @@ type MemoryStore struct {
 
 type memEntry struct {
 	token   string // owner while in progress; "" once completed
+	doneBy  string // the token that completed the record
 	record  []byte
 	expires time.Time
 }
@@ -86,11 +87,15 @@ func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Dur
 func (s *MemoryStore) Complete(_ context.Context, key, token string, record []byte, ttl time.Duration) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e := s.live(key); e != nil && e.token != token {
+	e := s.live(key)
+	if e != nil && e.doneBy == token {
+		return nil
+	}
+	if e != nil && e.token != token {
 		return ErrLeaseLost
 	}
 	s.sweep()
-	s.entries[key] = &memEntry{record: bytes.Clone(record), expires: s.now().Add(ttl)}
+	s.entries[key] = &memEntry{doneBy: token, record: bytes.Clone(record), expires: s.now().Add(ttl)}
 	return nil
 }
 

@@ -3,6 +3,7 @@ package idempotency
 import (
 	"crypto/sha256"
 	"fmt"
+	"strings"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"google.golang.org/grpc/metadata"
@@ -59,7 +60,46 @@ func decodeRecord(b []byte) (*idempotencyv1.Record, error) {
 	if len(rec.GetFingerprint()) == 0 {
 		return nil, fmt.Errorf("%w: no fingerprint", ErrCorruptRecord)
 	}
+	if c := rec.GetStatus().GetCode(); c < 0 || c > maxCode {
+		return nil, fmt.Errorf("%w: status code %d", ErrCorruptRecord, c)
+	}
+	for _, md := range [][]*idempotencyv1.MetadataEntry{rec.GetHeader(), rec.GetTrailer()} {
+		if err := checkMetadata(md); err != nil {
+			return nil, err
+		}
+	}
 	return rec, nil
+}
+
+// maxCode is the largest gRPC status code (Unauthenticated).
+const maxCode = 16
+
+// checkMetadata refuses stored metadata that gRPC could not send: keys
+// outside [0-9a-z_.-] or reserved ("grpc-"), and values of non-binary keys
+// outside printable ASCII.
+func checkMetadata(entries []*idempotencyv1.MetadataEntry) error {
+	for _, e := range entries {
+		k := e.GetKey()
+		if k == "" || strings.HasPrefix(k, "grpc-") {
+			return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
+		}
+		for i := 0; i < len(k); i++ {
+			if c := k[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+				return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
+			}
+		}
+		if strings.HasSuffix(k, "-bin") {
+			continue
+		}
+		for _, v := range e.GetValues() {
+			for _, c := range v {
+				if c < 0x20 || c > 0x7e {
+					return fmt.Errorf("%w: value of metadata key %q", ErrCorruptRecord, k)
+				}
+			}
+		}
+	}
+	return nil
 }
 
 func mdToEntries(md metadata.MD) []*idempotencyv1.MetadataEntry {

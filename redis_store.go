@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -75,6 +76,10 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error) {
 	res, err := claimScript.Run(ctx, s.client, []string{s.prefix + key}, token, record, lease.Milliseconds()).Slice()
 	if err != nil {
+		if strings.Contains(err.Error(), "WRONGTYPE") {
+			// Something else wrote this key: it will never heal by retrying.
+			return ClaimResult{}, fmt.Errorf("%w: redis key %s%s is not a record: %v", ErrCorruptRecord, s.prefix, key, err)
+		}
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: %w", err)
 	}
 	if len(res) == 1 {

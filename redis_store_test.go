@@ -95,14 +95,20 @@ func TestRedisStoreFencing(t *testing.T) {
 		if err := s.Complete(ctx, "k", "tok-a", []byte("done"), 60_000_000_000); err != nil {
 			t.Fatalf("complete by owner: %v", err)
 		}
-		if err := s.Complete(ctx, "k", "tok-a", []byte("again"), 60_000_000_000); err != ErrLeaseLost {
-			t.Fatalf("second complete: %v, want ErrLeaseLost (the key is completed)", err)
+		if err := s.Complete(ctx, "k", "tok-a", []byte("again"), 60_000_000_000); err != nil {
+			t.Fatalf("repeated complete by the same token: %v, want nil (idempotent)", err)
+		}
+		if err := s.Complete(ctx, "k", "tok-b", []byte("stale"), 60_000_000_000); err != ErrLeaseLost {
+			t.Fatalf("complete of a completed key by another token: %v, want ErrLeaseLost", err)
+		}
+		if err := s.Renew(ctx, "k", "tok-a", 60_000_000_000); err != ErrLeaseLost {
+			t.Fatalf("renew of a completed key: %v, want ErrLeaseLost", err)
 		}
 		if err := s.Release(ctx, "k", "tok-a"); err != ErrLeaseLost {
 			t.Fatalf("release of a completed key: %v, want ErrLeaseLost", err)
 		}
 		res, _ = s.Claim(ctx, "k", "tok-c", nil, 60_000_000_000)
-		if res.Claimed || string(res.Record) != "done" {
+		if res.Claimed || string(res.Record) != "done" { // the repeat wrote nothing
 			t.Fatalf("claim after completion = %+v; want the completed record", res)
 		}
 		// Completing a key whose lease ran out with nobody claiming it since
