@@ -60,13 +60,15 @@ type ClaimResult struct {
 // is bounded whatever the client sends, and two scopes or two methods never
 // share a record. Stores may prepend a namespace (see [WithKeyPrefix]).
 func StoreKey(fullMethod, scope, key string) string {
-	h := sha256.New()
+	// Length-prefixed parts, so ("a", "bc") and ("ab", "c") differ. The buffer
+	// stays on the stack for the usual sizes.
+	var stack [512]byte
+	buf := stack[:0]
 	for _, part := range []string{fullMethod, scope, key} {
-		var n [4]byte
 		l := len(part)
-		n[0], n[1], n[2], n[3] = byte(l>>24), byte(l>>16), byte(l>>8), byte(l)
-		h.Write(n[:])
-		h.Write([]byte(part))
+		buf = append(buf, byte(l>>24), byte(l>>16), byte(l>>8), byte(l))
+		buf = append(buf, part...)
 	}
-	return hex.EncodeToString(h.Sum(nil))
+	sum := sha256.Sum256(buf)
+	return hex.EncodeToString(sum[:])
 }

@@ -19,7 +19,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
-	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
@@ -95,7 +94,7 @@ func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		c.ev.Outcome = OutcomePassThrough
 		resp, err := handler(ctx, req)
 		c.ev.Code = status.Code(err)
-		s.emit(ctx, c.ev)
+		s.emit(ctx, c)
 		return resp, err
 	}
 	c.key = key
@@ -110,7 +109,6 @@ func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 		}
 	}
 	c.storeKey = StoreKey(c.method, scope, key)
-	c.ev.KeyHash = keyHash(c.storeKey)
 	if c.fp, err = s.o.fingerprint(c.method, req); err != nil {
 		return nil, s.fail(ctx, c, OutcomeRejected, newStatus(codes.Internal, ReasonFingerprintFailed,
 			map[string]string{"method": c.method}, "cannot fingerprint the request"), err)
@@ -180,7 +178,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 				c.ev.Outcome, c.ev.Err = OutcomeFailOpen, err
 				resp, herr := handler(contextWithServerKey(ctx, c.key), req)
 				c.ev.Code = status.Code(herr)
-				s.emit(ctx, c.ev)
+				s.emit(ctx, c)
 				return resp, herr
 			}
 			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, newStatus(codes.Unavailable, ReasonStoreUnavailable,
@@ -263,7 +261,7 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 			stopRenewal()
 			c.ev.Outcome, c.ev.Code = OutcomePanicked, codes.Internal
 			c.ev.Err = s.finish(ctx, c, nil)
-			s.emit(ctx, c.ev)
+			s.emit(ctx, c)
 		}
 	}()
 	resp, err = handler(hctx, req)
@@ -277,7 +275,7 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 		if ferr := s.finish(ctx, c, nil); ferr != nil {
 			c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
 		}
-		s.emit(ctx, c.ev)
+		s.emit(ctx, c)
 		return resp, err
 	}
 	var header, trailer metadata.MD
@@ -290,7 +288,7 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 		// the key rather than leave it stuck in progress.
 		c.ev.Outcome, c.ev.Err = OutcomeNotStored, rerr
 		_ = s.finish(ctx, c, nil)
-		s.emit(ctx, c.ev)
+		s.emit(ctx, c)
 		return resp, err
 	}
 	c.ev.Outcome = outcome
@@ -305,7 +303,7 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 			c.ev.Err = errors.New("idempotency: lease renewal failed during the call, but the outcome was stored")
 		}
 	}
-	s.emit(ctx, c.ev)
+	s.emit(ctx, c)
 	return resp, err
 }
 
@@ -411,7 +409,7 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 	}
 	var resp proto.Message
 	if sp.Code == int32(codes.OK) {
-		mt, err := s.messageType(c.method, rec.GetResponseType())
+		mt, err := s.policies.messageType(c.method, rec.GetResponseType())
 		if err != nil {
 			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
 		}
@@ -429,27 +427,11 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 		_ = grpc.SetTrailer(ctx, entriesToMD(rec.GetTrailer()))
 	}
 	c.ev.Outcome, c.ev.Code = OutcomeReplayed, codes.Code(sp.Code)
-	s.emit(ctx, c.ev)
+	s.emit(ctx, c)
 	if sp.Code != int32(codes.OK) {
 		return nil, status.FromProto(sp).Err()
 	}
 	return resp, nil
-}
-
-// messageType resolves the stored response type, which must be the
-// method's output type when the method is registered.
-func (s *server) messageType(method, stored string) (protoreflect.MessageType, error) {
-	if mt := responseType(method); mt != nil {
-		if string(mt.Descriptor().FullName()) != stored {
-			return nil, fmt.Errorf("%w: response type %q, method returns %q", ErrCorruptRecord, stored, mt.Descriptor().FullName())
-		}
-		return mt, nil
-	}
-	mt, err := protoregistry.GlobalTypes.FindMessageByName(protoreflect.FullName(stored))
-	if err != nil {
-		return nil, fmt.Errorf("%w: unknown response type %q", ErrCorruptRecord, stored)
-	}
-	return mt, nil
 }
 
 // renew keeps the lease of c alive until the returned stop is called. stop
@@ -490,7 +472,7 @@ func (s *server) renew(c *call) (stop func() (lost bool)) {
 
 func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause error) error {
 	c.ev.Outcome, c.ev.Code, c.ev.Err = o, status.Code(err), cause
-	s.emit(ctx, c.ev)
+	s.emit(ctx, c)
 	return err
 }
 
@@ -498,8 +480,10 @@ func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause 
 // field set with WithKeyField.
 func (s *server) extractKey(ctx context.Context, req any) (string, bool, error) {
 	if s.o.keyField == "" {
-		md, _ := metadata.FromIncomingContext(ctx)
-		return keyFromMetadata(md, s.o.keyHeader)
+		// ValueFromIncomingContext avoids copying the whole metadata.
+		vals := metadata.ValueFromIncomingContext(ctx, s.o.keyHeader)
+		binary := len(vals) == 0 && len(metadata.ValueFromIncomingContext(ctx, s.o.binHeader)) > 0
+		return keyFromValues(vals, binary, s.o.keyHeader)
 	}
 	m, ok := req.(proto.Message)
 	if !ok {

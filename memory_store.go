@@ -15,7 +15,6 @@ type MemoryStore struct {
 	mu      sync.Mutex
 	now     func() time.Time
 	entries map[string]*memEntry
-	writes  int
 }
 
 type memEntry struct {
@@ -44,17 +43,19 @@ func (s *MemoryStore) live(key string) *memEntry {
 	return e
 }
 
-// sweep drops expired entries every 1024 writes, so memory stays bounded by
-// the live records. Callers hold s.mu.
+// sweep drops expired entries among up to 32 visited ones per write, in
+// the spirit of Redis's active expiry: Go's map iteration starts at a random
+// place, so every entry is visited over time, and the cost per write is
+// bounded whatever the number of records. Callers hold s.mu.
 func (s *MemoryStore) sweep() {
-	s.writes++
-	if s.writes%1024 != 0 {
-		return
-	}
 	now := s.now()
+	n := 0
 	for k, e := range s.entries {
 		if !now.Before(e.expires) {
 			delete(s.entries, k)
+		}
+		if n++; n == 32 {
+			return
 		}
 	}
 }

@@ -45,10 +45,15 @@ func ValidateKey(key string) error {
 // when the header is absent. More than one value, or a value that fails
 // [ValidateKey], is an error wrapping [ErrInvalidKey].
 func keyFromMetadata(md metadata.MD, header string) (key string, present bool, err error) {
-	vals := md.Get(header)
+	return keyFromValues(md.Get(header), len(md.Get(header+"-bin")) > 0, header)
+}
+
+// keyFromValues is keyFromMetadata on the values of the header, and whether
+// its binary variant (header + "-bin") was sent.
+func keyFromValues(vals []string, binary bool, header string) (key string, present bool, err error) {
 	switch len(vals) {
 	case 0:
-		if len(md.Get(header+"-bin")) > 0 {
+		if binary {
 			return "", true, fmt.Errorf("%w: the key must be sent as %q, not as binary metadata %q", ErrInvalidKey, header, header+"-bin")
 		}
 		return "", false, nil

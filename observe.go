@@ -97,7 +97,13 @@ func keyHash(storeKey string) string {
 	return hex.EncodeToString(sum[:6])
 }
 
-func (s *server) emit(ctx context.Context, e Event) {
+// emit reports e. The key hash is computed here, only when someone listens.
+func (s *server) emit(ctx context.Context, c *call) {
+	if s.o.observer == nil && s.o.logger == nil {
+		return
+	}
+	e := c.ev
+	e.KeyHash = keyHash(c.storeKey)
 	if s.o.observer != nil {
 		s.o.observer(ctx, e)
 	}

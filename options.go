@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -52,6 +53,7 @@ func (p KeyPolicy) String() string {
 
 type options struct {
 	keyHeader       string
+	binHeader       string // keyHeader + "-bin"
 	keyField        string
 	ttl             time.Duration
 	lease           time.Duration
@@ -90,6 +92,8 @@ func evaluateOptions(opts []Option) *options {
 	for _, opt := range opts {
 		opt(o)
 	}
+	o.keyHeader = strings.ToLower(o.keyHeader)
+	o.binHeader = o.keyHeader + "-bin"
 	return o
 }
 

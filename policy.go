@@ -1,6 +1,7 @@
 package idempotency
 
 import (
+	"fmt"
 	"strings"
 	"sync"
 
@@ -51,11 +52,32 @@ func DeclaredKeyPolicy(fullMethod string) KeyPolicy {
 	return KeyOptional
 }
 
-// policyCache memoises the policy of each method: descriptors and options
-// never change while the process runs.
+// policyCache memoises the policy and response type of each method:
+// descriptors and options never change while the process runs.
 type policyCache struct {
 	override func(string, KeyPolicy) KeyPolicy
 	m        sync.Map // full method -> KeyPolicy
+	types    sync.Map // full method -> protoreflect.MessageType (or nil)
+}
+
+// messageType resolves a stored response type, which must be the method's
+// output type when the method is registered.
+func (c *policyCache) messageType(method, stored string) (protoreflect.MessageType, error) {
+	v, ok := c.types.Load(method)
+	if !ok {
+		v, _ = c.types.LoadOrStore(method, responseType(method))
+	}
+	if mt, _ := v.(protoreflect.MessageType); mt != nil {
+		if string(mt.Descriptor().FullName()) != stored {
+			return nil, fmt.Errorf("%w: response type %q, method returns %q", ErrCorruptRecord, stored, mt.Descriptor().FullName())
+		}
+		return mt, nil
+	}
+	mt, err := protoregistry.GlobalTypes.FindMessageByName(protoreflect.FullName(stored))
+	if err != nil {
+		return nil, fmt.Errorf("%w: unknown response type %q", ErrCorruptRecord, stored)
+	}
+	return mt, nil
 }
 
 func (c *policyCache) get(fullMethod string) KeyPolicy {

@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -183,4 +184,36 @@ func mustFingerprint(t *testing.T, req proto.Message) []byte {
 		t.Fatal(err)
 	}
 	return fp
+}
+
+// TestMemoryStoreSweep verifies that expired records do not accumulate:
+// writes drop them as they go.
+func TestMemoryStoreSweep(t *testing.T) {
+	s := NewMemoryStore()
+	var mu sync.Mutex
+	now := time.Now()
+	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	ctx := context.Background()
+	for i := 0; i < 5000; i++ {
+		if _, err := s.Claim(ctx, "old-"+strconv.Itoa(i), "t", []byte("r"), time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	now = now.Add(time.Minute)
+	mu.Unlock()
+	for i := 0; i < 5000; i++ {
+		if _, err := s.Claim(ctx, "new-"+strconv.Itoa(i), "t", []byte("r"), time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.mu.Lock()
+	total := len(s.entries)
+	s.mu.Unlock()
+	if total > 6000 {
+		t.Fatalf("%d entries held for 5000 live records: expired ones are not being dropped", total)
+	}
+	if n := s.Len(); n != 5000 {
+		t.Fatalf("Len = %d, want 5000", n)
+	}
 }
