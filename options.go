@@ -39,6 +39,7 @@ const (
 	KeyIgnored
 )
 
+// String returns "optional", "required" or "ignored".
 func (p KeyPolicy) String() string {
 	switch p {
 	case KeyOptional:

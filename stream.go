@@ -19,6 +19,7 @@ type capturingStream struct {
 	trailer metadata.MD
 }
 
+// SetHeader records md and passes it on.
 func (s *capturingStream) SetHeader(md metadata.MD) error {
 	if err := s.ServerTransportStream.SetHeader(md); err != nil {
 		return err
@@ -29,6 +30,7 @@ func (s *capturingStream) SetHeader(md metadata.MD) error {
 	return nil
 }
 
+// SendHeader records md and passes it on.
 func (s *capturingStream) SendHeader(md metadata.MD) error {
 	if err := s.ServerTransportStream.SendHeader(md); err != nil {
 		return err
@@ -39,6 +41,7 @@ func (s *capturingStream) SendHeader(md metadata.MD) error {
 	return nil
 }
 
+// SetTrailer records md and passes it on.
 func (s *capturingStream) SetTrailer(md metadata.MD) error {
 	if err := s.ServerTransportStream.SetTrailer(md); err != nil {
 		return err
