@@ -102,15 +102,21 @@ func checkMetadata(entries []*idempotencyv1.MetadataEntry) error {
 	return nil
 }
 
+// mdToEntries converts captured metadata for storage. It keeps only what
+// gRPC can send (see checkMetadata), so every stored record passes
+// decodeRecord; gRPC itself would not have sent the rest.
 func mdToEntries(md metadata.MD) []*idempotencyv1.MetadataEntry {
 	if len(md) == 0 {
 		return nil
 	}
 	out := make([]*idempotencyv1.MetadataEntry, 0, len(md))
 	for k, vs := range md {
-		e := &idempotencyv1.MetadataEntry{Key: k, Values: make([][]byte, len(vs))}
-		for i, v := range vs {
-			e.Values[i] = []byte(v)
+		e := &idempotencyv1.MetadataEntry{Key: k, Values: make([][]byte, 0, len(vs))}
+		for _, v := range vs {
+			e.Values = append(e.Values, []byte(v))
+		}
+		if checkMetadata([]*idempotencyv1.MetadataEntry{e}) != nil {
+			continue
 		}
 		out = append(out, e)
 	}
