@@ -54,6 +54,9 @@ const (
 	// ReasonFingerprintFailed: the request could not be fingerprinted. Code
 	// Internal.
 	ReasonFingerprintFailed = "FINGERPRINT_FAILED"
+	// ReasonInternal: the interceptor failed in a way that is not the
+	// caller's fault (e.g. a record could not be encoded). Code Internal.
+	ReasonInternal = "INTERNAL_ERROR"
 )
 
 // Sentinel errors of the package. Store implementations return

@@ -152,7 +152,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 		LeaseToken:  c.token,
 	})
 	if err != nil {
-		return nil, s.fail(ctx, c, OutcomeRejected, status.Error(codes.Internal, "idempotency: encode record"), err)
+		return nil, s.fail(ctx, c, OutcomeRejected, newStatus(codes.Internal, ReasonInternal, map[string]string{"method": c.method}, "cannot encode the idempotency record"), err)
 	}
 	wait := s.o.pollInterval
 	for {
