@@ -99,7 +99,7 @@ func evaluateOptions(opts []Option) *options {
 }
 
 // WithKeyHeader sets the request metadata key that carries the idempotency
-// key. It must be lower case. Default [DefaultKeyHeader]
+// key; it is lower-cased, as gRPC requires. Default [DefaultKeyHeader]
 // ("idempotency-key").
 func WithKeyHeader(name string) Option {
 	return func(o *options) { o.keyHeader = name }
