@@ -32,6 +32,12 @@ package idempotency
 //	                   call makes round trips (1 replay, 2 first execution)
 //	payload-copies/op  bytes allocated per call beyond the bare call's, in
 //	                   units of the payload size (large responses)
+//	claims/op          Store.Claim calls per call (replay-localcache rows),
+//	                   counted by a wrapper around the store
+//
+// BenchmarkCoalescing's op is a burst of coalesceBurst concurrent identical
+// calls (ns/op is wall time per burst); it reports claims/op and, on Redis,
+// roundtrips/op per burst.
 //
 // The parallel benchmarks report overhead-% and cpu-overhead-% from the
 // means of their timed loops against the parallel bare sub-benchmark.
@@ -304,6 +310,19 @@ func benchRedisBackend(b *testing.B, name string) *benchRedis {
 
 var benchStores = []string{"memory", "miniredis", "redis-server"}
 
+// benchPaths are the interceptor paths benchmarked on store name: first
+// execution, replay, and (memory and redis-server only) replay with
+// WithLocalCache, answered from process memory.
+func benchPaths(name string) []string {
+	if name == "miniredis" {
+		return []string{"first", "replay"}
+	}
+	return []string{"first", "replay", "replay-localcache"}
+}
+
+// benchLocalCache is the local cache of the replay-localcache rows.
+func benchLocalCache() Option { return WithLocalCache(10000, time.Minute) }
+
 // benchTTL keeps the records of first-execution benchmarks from piling up
 // in the shared redis-server; its value does not change the cost.
 const benchTTL = 2 * time.Minute
@@ -312,8 +331,11 @@ const benchTTL = 2 * time.Minute
 // execution keeps its records for benchTTL only, a replay's record must
 // outlive the benchmark.
 func benchOpts(path string) []Option {
-	if path == "first" {
+	switch path {
+	case "first":
 		return []Option{WithTTL(benchTTL)}
+	case "replay-localcache":
+		return []Option{benchLocalCache()}
 	}
 	return nil
 }
@@ -371,7 +393,7 @@ func BenchmarkUnary(b *testing.B) {
 		if name != "memory" {
 			benchRedisBaselines(b, name)
 		}
-		for _, path := range []string{"first", "replay"} {
+		for _, path := range benchPaths(name) {
 			b.Run(name+"/"+path, func(b *testing.B) {
 				b.ReportAllocs()
 				var store Store = NewMemoryStore()
@@ -380,10 +402,15 @@ func BenchmarkUnary(b *testing.B) {
 					r = benchRedisBackend(b, name)
 					store = r.store()
 				}
+				var counted *countingStore
+				if path == "replay-localcache" {
+					counted = &countingStore{Store: store}
+					store = counted
+				}
 				bare := newBenchEnv(b, nil, nil)
 				env := newBenchEnv(b, store, nil, benchOpts(path)...)
 				replayKey := ""
-				if path == "replay" {
+				if path != "first" {
 					replayKey = newKey()
 				}
 				// Warm up: load the scripts (the first use of each costs an
@@ -401,25 +428,37 @@ func BenchmarkUnary(b *testing.B) {
 				}
 				call := env.call(benchReq, replayKey)
 				runs0 := env.svc.runs.Load()
+				var claims0 int64
+				if counted != nil {
+					claims0 = counted.claims.Load()
+				}
 				m := startMeter(b, rt)
 				runCalls(b, call)
 				res := m.stop()
 				checkRuns(b, env, runs0, path)
 				res.report(b, r != nil)
+				if counted != nil {
+					b.ReportMetric(float64(counted.claims.Load()-claims0)/float64(b.N), "claims/op")
+				}
 
 				calls := []func() error{call, bare.call(benchReq, "")}
+				// The floor: a handler making as many PINGs as the call
+				// makes round trips (none for a local-cache replay, whose
+				// floor is the bare call itself).
+				floorRT := map[string]int{"first": 2, "replay": 1}[path]
 				if r != nil {
-					n := 1
-					if path == "first" {
-						n = 2
+					calls = append(calls, r.ping)
+					if floorRT > 0 {
+						calls = append(calls, floorEnv(b, r, floorRT).call(benchReq, ""))
 					}
-					calls = append(calls, r.ping, floorEnv(b, r, n).call(benchReq, ""))
 				}
 				med := paired(b, min(b.N, pairedSamples), calls...)
 				reportVsBare(b, med[0], med[1])
 				if r != nil {
 					b.ReportMetric((med[0].ns-med[1].ns)/med[2].ns, "rtt-overhead/op")
-					b.ReportMetric((med[0].ns-med[3].ns)/med[2].ns, "rtt-over-floor/op")
+					if floorRT > 0 {
+						b.ReportMetric((med[0].ns-med[3].ns)/med[2].ns, "rtt-over-floor/op")
+					}
 				}
 			})
 		}
@@ -474,7 +513,7 @@ func checkRuns(b *testing.B, env *benchEnv, before int64, path string) {
 	b.Helper()
 	got := env.svc.runs.Load() - before
 	want := int64(b.N)
-	if path == "replay" {
+	if path != "first" {
 		want = 0
 	}
 	if got != want {
@@ -523,7 +562,7 @@ func BenchmarkUnaryParallel(b *testing.B) {
 		m.stop().report(b, true)
 	})
 	for _, name := range benchStores {
-		for _, path := range []string{"first", "replay"} {
+		for _, path := range benchPaths(name) {
 			b.Run(name+"/"+path, func(b *testing.B) {
 				b.ReportAllocs()
 				b.SetParallelism(benchParallelism)
@@ -535,7 +574,7 @@ func BenchmarkUnaryParallel(b *testing.B) {
 				}
 				env := newBenchEnv(b, store, nil, benchOpts(path)...)
 				replayKey := ""
-				if path == "replay" {
+				if path != "first" {
 					replayKey = newKey()
 				}
 				for _, k := range []string{newKey(), replayKey} {
@@ -709,5 +748,83 @@ func BenchmarkRecordMemory(b *testing.B) {
 				b.Logf("encoding: in progress %v, completed %s", inProgressEnc.Load(), doneEnc)
 			}
 		})
+	}
+}
+
+// coalesceBurst is the number of identical concurrent calls per burst in
+// BenchmarkCoalescing.
+const coalesceBurst = 8
+
+// coalesceHandlerTime is how long the handler of BenchmarkCoalescing works,
+// so that the duplicates of a burst arrive while the first call runs.
+const coalesceHandlerTime = time.Millisecond
+
+// BenchmarkCoalescing measures a burst of coalesceBurst identical calls
+// (one new key per burst, the same request) sent at once to one server,
+// without and with WithCoalescing. The handler works for
+// coalesceHandlerTime. Both variants use WithWaitForInProgress(1ms), so
+// that every caller of the burst gets the response without retrying: without
+// coalescing each duplicate claims, finds the key in progress and polls the
+// store (after 1, 2, 4 ms ...) until the outcome is stored; with coalescing
+// the duplicates wait in process for the first call's outcome. One op is one
+// burst: ns/op is the wall time until the last caller has its answer,
+// claims/op the Store.Claim calls per burst, roundtrips/op (Redis) all Redis
+// commands per burst.
+func BenchmarkCoalescing(b *testing.B) {
+	for _, name := range []string{"memory", "redis-server"} {
+		for _, mode := range []string{"off", "on"} {
+			b.Run(fmt.Sprintf("%s/burst%d/%s", name, coalesceBurst, mode), func(b *testing.B) {
+				b.ReportAllocs()
+				var store Store = NewMemoryStore()
+				var rt *roundTrips
+				if name != "memory" {
+					r := benchRedisBackend(b, name)
+					store, rt = r.store(), r.rt
+				}
+				counted := &countingStore{Store: store}
+				opts := []Option{WithTTL(benchTTL), WithWaitForInProgress(time.Millisecond)}
+				if mode == "on" {
+					opts = append(opts, WithCoalescing())
+				}
+				svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+					time.Sleep(coalesceHandlerTime)
+					return &testingv1.DoResponse{Id: req.GetId(), Execution: n}, nil
+				}}
+				env := newBenchEnv(b, counted, svc, opts...)
+				if err := env.call(benchReq, newKey())(); err != nil { // load the scripts
+					b.Fatal(err)
+				}
+				burst := func() error {
+					key := newKey()
+					start := make(chan struct{})
+					errs := make(chan error, coalesceBurst)
+					var wg sync.WaitGroup
+					for i := 0; i < coalesceBurst; i++ {
+						wg.Add(1)
+						go func() {
+							defer wg.Done()
+							call := env.call(benchReq, key)
+							<-start
+							if err := call(); err != nil {
+								errs <- err
+							}
+						}()
+					}
+					close(start)
+					wg.Wait()
+					close(errs)
+					return <-errs
+				}
+				runs0, claims0 := env.svc.runs.Load(), counted.claims.Load()
+				m := startMeter(b, rt)
+				runCalls(b, burst)
+				res := m.stop()
+				if got := env.svc.runs.Load() - runs0; got != int64(b.N) {
+					b.Fatalf("the handler ran %d times for %d bursts, want once per burst", got, b.N)
+				}
+				res.report(b, rt != nil)
+				b.ReportMetric(float64(counted.claims.Load()-claims0)/float64(b.N), "claims/op")
+			})
+		}
 	}
 }

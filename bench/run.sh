@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Runs the interceptor benchmarks (bench_test.go) COUNT times and summarises
-# them with benchstat. See docs/PERFORMANCE.md.
+# Runs the interceptor benchmarks (bench_test.go: BenchmarkUnary,
+# BenchmarkUnaryParallel, BenchmarkLargeResponse, BenchmarkRecordMemory,
+# BenchmarkCoalescing; and observe_bench_test.go) COUNT times and summarises
+# them with benchstat. See docs/PERFORMANCE.md. The full run takes about
+# 5 minutes on 2 vCPUs.
 #
 #   bench/run.sh                      # everything, count 6, benchtime 500ms
 #   COUNT=10 BENCHTIME=1s bench/run.sh
 #   BENCH='BenchmarkUnary$' bench/run.sh
+#   BENCH='BenchmarkCoalescing' bench/run.sh
 #   WAIT_IDLE=1 bench/run.sh          # on a shared machine: wait for a quiet moment first
 #
 # Environment: COUNT (6), BENCHTIME (500ms), BENCH ('.'), OUT (output
