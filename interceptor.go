@@ -254,11 +254,14 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 		cs = &capturingStream{ServerTransportStream: st}
 		hctx = grpc.NewContextWithServerTransportStream(hctx, cs)
 	}
+	// The lease is renewed until the outcome is written, so a write that
+	// must be retried (Redis briefly unreachable) does not let the lease end
+	// under it.
 	stopRenewal := s.renew(c)
+	defer stopRenewal()
 	panicked := true
 	defer func() {
 		if panicked {
-			stopRenewal()
 			c.ev.Outcome, c.ev.Code = OutcomePanicked, codes.Internal
 			c.ev.Err = s.finish(ctx, c, nil)
 			s.emit(ctx, c)
@@ -266,7 +269,6 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	}()
 	resp, err = handler(hctx, req)
 	panicked = false
-	leaseLost := stopRenewal()
 
 	st := status.Convert(err)
 	c.ev.Code = st.Code()
@@ -298,9 +300,6 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 		c.final = final
 		if s.cache != nil {
 			s.cache.put(c.storeKey, final, s.o.now(), s.o.ttl)
-		}
-		if leaseLost {
-			c.ev.Err = errors.New("idempotency: lease renewal failed during the call, but the outcome was stored")
 		}
 	}
 	s.emit(ctx, c)
@@ -434,12 +433,12 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 	return resp, nil
 }
 
-// renew keeps the lease of c alive until the returned stop is called. stop
-// reports whether the lease was found lost.
-func (s *server) renew(c *call) (stop func() (lost bool)) {
+// renew keeps the lease of c alive until the returned stop is called. It
+// stops by itself once the token no longer owns the key (the outcome was
+// written, or the lease was lost: the write will report that).
+func (s *server) renew(c *call) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
-	var lost bool
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -456,7 +455,6 @@ func (s *server) renew(c *call) (stop func() (lost bool)) {
 			err := s.store.Renew(rctx, c.storeKey, c.token, s.o.lease)
 			cancel()
 			if errors.Is(err, ErrLeaseLost) {
-				lost = true
 				return
 			}
 			// Other errors are retried on the next tick: the lease still has
@@ -464,10 +462,7 @@ func (s *server) renew(c *call) (stop func() (lost bool)) {
 		}
 	}()
 	var once sync.Once
-	return func() bool {
-		once.Do(func() { close(done); wg.Wait() })
-		return lost
-	}
+	return func() { once.Do(func() { close(done); wg.Wait() }) }
 }
 
 func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause error) error {
