@@ -1,0 +1,90 @@
+package idempotencyotel_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http/httptest"
+	"sort"
+	"strings"
+
+	"github.com/idempotency-grpc/idempotency"
+	idempotencyotel "github.com/idempotency-grpc/idempotency/otel"
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/test/bufconn"
+)
+
+type doServer struct {
+	testingv1.UnimplementedTestServiceServer
+}
+
+func (doServer) Do(context.Context, *testingv1.DoRequest) (*testingv1.DoResponse, error) {
+	return &testingv1.DoResponse{Id: "done"}, nil
+}
+
+// Prometheus users export the interceptor's metrics through OpenTelemetry's
+// Prometheus exporter and serve them with promhttp. A call and its repeat
+// show up as one executed and one replayed call.
+func Example_prometheus() {
+	registry := prometheus.NewRegistry()
+	exporter, err := otelprom.New(otelprom.WithRegisterer(registry), otelprom.WithoutScopeInfo())
+	if err != nil {
+		log.Fatal(err)
+	}
+	observe, err := idempotencyotel.NewObserver(idempotencyotel.WithMeterProvider(sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter))))
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
+		idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(), idempotency.WithObserver(observe))))
+	testingv1.RegisterTestServiceServer(srv, doServer{})
+	lis := bufconn.Listen(1 << 20)
+	go srv.Serve(lis)
+	defer srv.Stop()
+	conn, _ := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	defer conn.Close()
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "k1")
+	client := testingv1.NewTestServiceClient(conn)
+	for i := 0; i < 2; i++ {
+		if _, err := client.Do(ctx, &testingv1.DoRequest{Id: "x"}); err != nil {
+			log.Fatal(err)
+		}
+	}
+
+	// What a Prometheus scrape of /metrics returns.
+	metrics := httptest.NewServer(promhttp.HandlerFor(registry, promhttp.HandlerOpts{}))
+	defer metrics.Close()
+	resp, err := metrics.Client().Get(metrics.URL)
+	if err != nil {
+		log.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var lines []string
+	for _, l := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(l, "idempotency_server_calls_total{") || strings.HasPrefix(l, "idempotency_store_duration_seconds_count{") {
+			lines = append(lines, l)
+		}
+	}
+	sort.Strings(lines)
+	for _, l := range lines {
+		fmt.Println(l)
+	}
+	// Output:
+	// idempotency_server_calls_total{idempotency_outcome="executed",idempotency_replayed="false",rpc_method="/idempotency.testing.v1.TestService/Do"} 1
+	// idempotency_server_calls_total{idempotency_outcome="replayed",idempotency_replayed="true",rpc_method="/idempotency.testing.v1.TestService/Do"} 1
+	// idempotency_store_duration_seconds_count{idempotency_outcome="executed",rpc_method="/idempotency.testing.v1.TestService/Do"} 1
+	// idempotency_store_duration_seconds_count{idempotency_outcome="replayed",rpc_method="/idempotency.testing.v1.TestService/Do"} 1
+}
