@@ -48,7 +48,6 @@ package idempotency
 import (
 	"context"
 	"fmt"
-	"net"
 	"runtime"
 	"slices"
 	"strconv"
@@ -62,9 +61,7 @@ import (
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/test/bufconn"
 )
 
 // benchSeq makes first-execution keys unique across sub-benchmarks and runs.
@@ -207,31 +204,37 @@ type benchEnv struct {
 	client testingv1.TestServiceClient
 }
 
+// warmUp loads the scripts (the first use of each costs an extra EVAL) and,
+// unless path is "first", stores the record a replay answers with; it
+// returns that record's key ("" for "first").
+func warmUp(b *testing.B, env *benchEnv, path string) string {
+	b.Helper()
+	replayKey := ""
+	if path != "first" {
+		replayKey = newKey()
+	}
+	for _, k := range []string{newKey(), replayKey} {
+		if k != "" {
+			if err := env.call(benchReq, k)(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	return replayKey
+}
+
 func newBenchEnv(tb testing.TB, store Store, svc *testService, opts ...Option) *benchEnv {
 	tb.Helper()
 	if svc == nil {
 		svc = &testService{}
 	}
-	var srv *grpc.Server
-	if store == nil {
-		srv = grpc.NewServer()
-	} else {
-		srv = grpc.NewServer(grpc.ChainUnaryInterceptor(UnaryServerInterceptor(store, opts...)))
+	var serverOpts []grpc.ServerOption
+	if store != nil {
+		serverOpts = append(serverOpts, grpc.ChainUnaryInterceptor(UnaryServerInterceptor(store, opts...)))
 	}
-	testingv1.RegisterTestServiceServer(srv, svc)
-	lis := bufconn.Listen(1 << 20)
-	go func() { _ = srv.Serve(lis) }()
-	tb.Cleanup(srv.Stop)
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20)),
-	)
-	if err != nil {
-		tb.Fatalf("dial: %v", err)
-	}
-	tb.Cleanup(func() { conn.Close() })
-	env := &benchEnv{svc: svc, client: testingv1.NewTestServiceClient(conn)}
+	lis := serveTestService(tb, svc, serverOpts...)
+	client := dialTestService(tb, lis, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20)))
+	env := &benchEnv{svc: svc, client: client}
 	// Connect and warm up outside the timer.
 	if _, err := env.client.Do(context.Background(), &testingv1.DoRequest{Id: "warm"}); err != nil {
 		tb.Fatalf("warm-up call: %v", err)
@@ -409,19 +412,7 @@ func BenchmarkUnary(b *testing.B) {
 				}
 				bare := newBenchEnv(b, nil, nil)
 				env := newBenchEnv(b, store, nil, benchOpts(path)...)
-				replayKey := ""
-				if path != "first" {
-					replayKey = newKey()
-				}
-				// Warm up: load the scripts (the first use of each costs an
-				// extra EVAL) and store the record a replay answers with.
-				for _, k := range []string{newKey(), replayKey} {
-					if k != "" {
-						if err := env.call(benchReq, k)(); err != nil {
-							b.Fatal(err)
-						}
-					}
-				}
+				replayKey := warmUp(b, env, path)
 				var rt *roundTrips
 				if r != nil {
 					rt = r.rt
@@ -573,17 +564,7 @@ func BenchmarkUnaryParallel(b *testing.B) {
 					store, rt = r.store(), r.rt
 				}
 				env := newBenchEnv(b, store, nil, benchOpts(path)...)
-				replayKey := ""
-				if path != "first" {
-					replayKey = newKey()
-				}
-				for _, k := range []string{newKey(), replayKey} {
-					if k != "" {
-						if err := env.call(benchReq, k)(); err != nil {
-							b.Fatal(err)
-						}
-					}
-				}
+				replayKey := warmUp(b, env, path)
 				runs0 := env.svc.runs.Load()
 				m := startMeter(b, rt)
 				runCallsParallel(b, env, benchReq, replayKey)

@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -14,10 +13,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/proto"
 
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
@@ -691,21 +688,8 @@ func clientExecutionDone(done chan struct{}) grpc.UnaryServerInterceptor {
 // given dial options.
 func clientTestServer(t *testing.T, svc *clientTestService, interceptors []grpc.UnaryServerInterceptor, dialOpts ...grpc.DialOption) testingv1.TestServiceClient {
 	t.Helper()
-	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptors...))
-	testingv1.RegisterTestServiceServer(srv, svc)
-	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(srv.Stop)
-	dialOpts = append([]grpc.DialOption{
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-	}, dialOpts...)
-	conn, err := grpc.NewClient("passthrough:///bufnet", dialOpts...)
-	if err != nil {
-		t.Fatalf("grpc.NewClient: %v", err)
-	}
-	t.Cleanup(func() { _ = conn.Close() })
-	return testingv1.NewTestServiceClient(conn)
+	lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(interceptors...))
+	return dialTestService(t, lis, dialOpts...)
 }
 
 func clientInterceptorDial(opts ...ClientOption) grpc.DialOption {

@@ -110,7 +110,6 @@ func (l *eventLog) waitFor(t *testing.T, o Outcome, n int) {
 type testEnv struct {
 	svc    *testService
 	client testingv1.TestServiceClient
-	conn   *grpc.ClientConn
 	events *eventLog
 	// wire holds the raw bytes of every response message the client
 	// received, in order.
@@ -118,11 +117,9 @@ type testEnv struct {
 }
 
 type envConfig struct {
-	opts       []Option
-	outer      []grpc.UnaryServerInterceptor
-	svc        *testService
-	dialOpts   []grpc.DialOption
-	noObserver bool
+	opts  []Option
+	outer []grpc.UnaryServerInterceptor
+	svc   *testService
 }
 
 // newTestEnv starts a server whose only interceptors are outer (outermost
@@ -133,29 +130,39 @@ func newTestEnv(t *testing.T, store Store, cfg envConfig) *testEnv {
 	if env.svc == nil {
 		env.svc = &testService{}
 	}
-	opts := cfg.opts
-	if !cfg.noObserver {
-		opts = append([]Option{WithObserver(env.events.observe)}, opts...)
-	}
+	opts := append([]Option{WithObserver(env.events.observe)}, cfg.opts...)
 	chain := append(append([]grpc.UnaryServerInterceptor{}, cfg.outer...), UnaryServerInterceptor(store, opts...))
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(chain...))
-	testingv1.RegisterTestServiceServer(srv, env.svc)
+	lis := serveTestService(t, env.svc, grpc.ChainUnaryInterceptor(chain...))
+	env.client = dialTestService(t, lis, grpc.WithDefaultCallOptions(grpc.ForceCodec(recordingCodec{env.wire})))
+	return env
+}
+
+// serveTestService serves svc on an in-memory listener, with the server
+// options given, until the test ends.
+func serveTestService(tb testing.TB, svc testingv1.TestServiceServer, opts ...grpc.ServerOption) *bufconn.Listener {
+	tb.Helper()
+	srv := grpc.NewServer(opts...)
+	testingv1.RegisterTestServiceServer(srv, svc)
 	lis := bufconn.Listen(1 << 20)
 	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(srv.Stop)
-	dial := append([]grpc.DialOption{
+	tb.Cleanup(srv.Stop)
+	return lis
+}
+
+// dialTestService returns a client of the test service on lis, with the dial
+// options given, closed when the test ends.
+func dialTestService(tb testing.TB, lis *bufconn.Listener, opts ...grpc.DialOption) testingv1.TestServiceClient {
+	tb.Helper()
+	opts = append([]grpc.DialOption{
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.ForceCodec(recordingCodec{env.wire})),
-	}, cfg.dialOpts...)
-	conn, err := grpc.NewClient("passthrough:///bufnet", dial...)
+	}, opts...)
+	conn, err := grpc.NewClient("passthrough:///bufnet", opts...)
 	if err != nil {
-		t.Fatalf("dial: %v", err)
+		tb.Fatalf("dial: %v", err)
 	}
-	t.Cleanup(func() { conn.Close() })
-	env.conn = conn
-	env.client = testingv1.NewTestServiceClient(conn)
-	return env
+	tb.Cleanup(func() { conn.Close() })
+	return testingv1.NewTestServiceClient(conn)
 }
 
 // wireLog keeps the raw bytes of received messages.

@@ -235,11 +235,6 @@ func forEachBackend(t *testing.T, f func(t *testing.T, b *backend)) {
 	}
 }
 
-func newMiniredisForTest(t *testing.T) *miniredis.Miniredis {
-	t.Helper()
-	return miniredis.RunT(t)
-}
-
 func newRedisClient(t testing.TB, addr string) *redis.Client {
 	t.Helper()
 	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, DialTimeout: time.Second})

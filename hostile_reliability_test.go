@@ -21,7 +21,6 @@ import (
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
@@ -222,16 +221,10 @@ func TestHostileKeysOnTheWire(t *testing.T) {
 	}
 
 	// The same 1 MiB key through grpc-go's own client.
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	client := dialTestService(t, lis)
 	before := runs.Load()
 	ctx := metadata.AppendToOutgoingContext(testCtx(t), DefaultKeyHeader, strings.Repeat("k", 1<<20))
-	_, err = testingv1.NewTestServiceClient(conn).Do(ctx, &testingv1.DoRequest{Id: "big"})
+	_, err := client.Do(ctx, &testingv1.DoRequest{Id: "big"})
 	if status.Code(err) == codes.OK || runs.Load() != before {
 		t.Fatalf("1 MiB key through grpc-go: %v, handler runs %d; want a refusal and no run", err, runs.Load()-before)
 	}

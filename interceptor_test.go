@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -560,7 +561,7 @@ func TestStoreDownFailsClosed(t *testing.T) {
 				srv := newRedisServer(t)
 				addr, stop = srv.Addr, srv.Stop
 			} else {
-				m := newMiniredisForTest(t)
+				m := miniredis.RunT(t)
 				addr, stop = m.Addr(), m.Close
 			}
 			c := newRedisClient(t, addr)

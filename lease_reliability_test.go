@@ -9,7 +9,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -20,9 +19,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 )
 
 // relFleet is n independent servers (own go-redis client, store, grpc.Server)
@@ -44,21 +41,9 @@ func newRelFleet(t *testing.T, n int, redisAddr string, handler func(ctx context
 		rc := redis.NewClient(&redis.Options{Addr: redisAddr})
 		t.Cleanup(func() { rc.Close() })
 		opts := append([]Option{WithObserver(events.observe)}, serverOpts(i)...)
-		gs := grpc.NewServer(grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(f.prefix)), opts...)))
-		testingv1.RegisterTestServiceServer(gs, svc)
-		lis := bufconn.Listen(1 << 20)
-		go func() { _ = gs.Serve(lis) }()
-		t.Cleanup(gs.Stop)
-		conn, err := grpc.NewClient("passthrough:///bufnet",
-			grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(clientOpts...)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
+		lis := serveTestService(t, svc, grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(f.prefix)), opts...)))
 		f.events = append(f.events, events)
-		f.clients = append(f.clients, testingv1.NewTestServiceClient(conn))
+		f.clients = append(f.clients, dialTestService(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(clientOpts...))))
 	}
 	return f
 }

@@ -8,7 +8,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,8 +17,6 @@ import (
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/test/bufconn"
 )
 
 // relLoadScripts puts every script in Redis's script cache, so each step is one
@@ -81,22 +78,10 @@ func TestNetworkResetAroundClaimAndComplete(t *testing.T) {
 				mu.Unlock()
 				return &testingv1.DoResponse{Id: req.GetId(), Execution: n, Payload: []byte(time.Now().String())}, nil
 			}}
-			gs := grpc.NewServer(grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(prefix)),
+			lis := serveTestService(t, svc, grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(prefix)),
 				WithObserver(events.observe), WithLease(lease), WithRetryDelay(20*time.Millisecond))))
-			testingv1.RegisterTestServiceServer(gs, svc)
-			lis := bufconn.Listen(1 << 20)
-			go func() { _ = gs.Serve(lis) }()
-			t.Cleanup(gs.Stop)
 			dial := func(opts ...ClientOption) testingv1.TestServiceClient {
-				conn, err := grpc.NewClient("passthrough:///bufnet",
-					grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-					grpc.WithTransportCredentials(insecure.NewCredentials()),
-					grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(opts...)))
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { conn.Close() })
-				return testingv1.NewTestServiceClient(conn)
+				return dialTestService(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(opts...)))
 			}
 			patient := dial(WithMaxAttempts(100), WithBackoff(10*time.Millisecond, 100*time.Millisecond))
 			once := dial(WithoutRetries())

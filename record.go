@@ -74,28 +74,37 @@ func decodeRecord(b []byte) (*idempotencyv1.Record, error) {
 // maxCode is the largest gRPC status code (Unauthenticated).
 const maxCode = 16
 
-// checkMetadata refuses stored metadata that gRPC could not send: keys
-// outside [0-9a-z_.-] or reserved ("grpc-"), and values of non-binary keys
-// outside printable ASCII.
+// checkMetadata refuses stored metadata that gRPC could not send (see
+// checkEntry).
 func checkMetadata(entries []*idempotencyv1.MetadataEntry) error {
 	for _, e := range entries {
-		k := e.GetKey()
-		if k == "" || strings.HasPrefix(k, "grpc-") {
+		if err := checkEntry(e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkEntry refuses a metadata entry gRPC could not send: a key outside
+// [0-9a-z_.-] or reserved ("grpc-"), or a value of a non-binary key outside
+// printable ASCII.
+func checkEntry(e *idempotencyv1.MetadataEntry) error {
+	k := e.GetKey()
+	if k == "" || strings.HasPrefix(k, "grpc-") {
+		return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
+	}
+	for i := 0; i < len(k); i++ {
+		if c := k[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
 			return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
 		}
-		for i := 0; i < len(k); i++ {
-			if c := k[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-				return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
-			}
-		}
-		if strings.HasSuffix(k, "-bin") {
-			continue
-		}
-		for _, v := range e.GetValues() {
-			for _, c := range v {
-				if c < 0x20 || c > 0x7e {
-					return fmt.Errorf("%w: value of metadata key %q", ErrCorruptRecord, k)
-				}
+	}
+	if strings.HasSuffix(k, "-bin") {
+		return nil
+	}
+	for _, v := range e.GetValues() {
+		for _, c := range v {
+			if c < 0x20 || c > 0x7e {
+				return fmt.Errorf("%w: value of metadata key %q", ErrCorruptRecord, k)
 			}
 		}
 	}
@@ -103,7 +112,7 @@ func checkMetadata(entries []*idempotencyv1.MetadataEntry) error {
 }
 
 // mdToEntries converts captured metadata for storage. It keeps only what
-// gRPC can send (see checkMetadata), so every stored record passes
+// gRPC can send (see checkEntry), so every stored record passes
 // decodeRecord; gRPC itself would not have sent the rest.
 func mdToEntries(md metadata.MD) []*idempotencyv1.MetadataEntry {
 	if len(md) == 0 {
@@ -115,7 +124,7 @@ func mdToEntries(md metadata.MD) []*idempotencyv1.MetadataEntry {
 		for _, v := range vs {
 			e.Values = append(e.Values, []byte(v))
 		}
-		if checkMetadata([]*idempotencyv1.MetadataEntry{e}) != nil {
+		if checkEntry(e) != nil {
 			continue
 		}
 		out = append(out, e)

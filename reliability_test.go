@@ -27,10 +27,8 @@ import (
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 )
 
 // stormSeed is the default seed of every storm; set IDEMPOTENCY_STORM_SEED
@@ -341,21 +339,9 @@ func (r *stormRun) startServers() {
 			}))
 		}
 		svc := &testService{do: r.handler(srv)}
-		gs := grpc.NewServer(grpc.ChainUnaryInterceptor(UnaryServerInterceptor(srv.store, opts...)))
-		testingv1.RegisterTestServiceServer(gs, svc)
-		lis := bufconn.Listen(1 << 20)
-		go func() { _ = gs.Serve(lis) }()
-		t.Cleanup(gs.Stop)
+		lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(UnaryServerInterceptor(srv.store, opts...)))
 		dial := func(copts ...ClientOption) testingv1.TestServiceClient {
-			conn, err := grpc.NewClient("passthrough:///bufnet",
-				grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-				grpc.WithTransportCredentials(insecure.NewCredentials()),
-				grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(copts...)))
-			if err != nil {
-				t.Fatalf("dial: %v", err)
-			}
-			t.Cleanup(func() { conn.Close() })
-			return testingv1.NewTestServiceClient(conn)
+			return dialTestService(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(copts...)))
 		}
 		// Patient callers retry for longer than a lease, so they outlast a
 		// key orphaned by a lost claim reply; brief callers give up after

@@ -61,10 +61,8 @@ func WithMeterProvider(mp metric.MeterProvider) Option {
 	return func(c *config) { c.mp = mp }
 }
 
-// NewObserver returns an observer for idempotency.WithObserver that records
-// every event as metrics and annotates the call's current span with the
-// outcome, whether it was replayed and the key's hash (never the key).
-func NewObserver(opts ...Option) (func(context.Context, idempotency.Event), error) {
+// meter applies opts and returns the package's meter.
+func meter(opts []Option) metric.Meter {
 	c := &config{}
 	for _, o := range opts {
 		o(c)
@@ -72,7 +70,14 @@ func NewObserver(opts ...Option) (func(context.Context, idempotency.Event), erro
 	if c.mp == nil {
 		c.mp = otel.GetMeterProvider()
 	}
-	m := c.mp.Meter(ScopeName)
+	return c.mp.Meter(ScopeName)
+}
+
+// NewObserver returns an observer for idempotency.WithObserver that records
+// every event as metrics and annotates the call's current span with the
+// outcome, whether it was replayed and the key's hash (never the key).
+func NewObserver(opts ...Option) (func(context.Context, idempotency.Event), error) {
+	m := meter(opts)
 	calls, err := m.Int64Counter(CallsMetric, metric.WithUnit("{call}"),
 		metric.WithDescription("Calls handled by the idempotency server interceptor, by outcome."))
 	if err != nil {
@@ -109,14 +114,7 @@ func NewObserver(opts ...Option) (func(context.Context, idempotency.Event), erro
 // NewClientObserver returns an observer for idempotency.WithClientObserver
 // that counts logical calls and records how many attempts each needed.
 func NewClientObserver(opts ...Option) (func(context.Context, idempotency.ClientEvent), error) {
-	c := &config{}
-	for _, o := range opts {
-		o(c)
-	}
-	if c.mp == nil {
-		c.mp = otel.GetMeterProvider()
-	}
-	m := c.mp.Meter(ScopeName)
+	m := meter(opts)
 	calls, err := m.Int64Counter(ClientCallsMetric, metric.WithUnit("{call}"),
 		metric.WithDescription("Logical calls made through the idempotency client interceptor."))
 	if err != nil {

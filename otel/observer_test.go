@@ -41,6 +41,25 @@ func (s *svc) Do(ctx context.Context, req *testingv1.DoRequest) (*testingv1.DoRe
 	return &testingv1.DoResponse{Id: req.GetId(), Execution: n}, nil
 }
 
+// serveTest serves svc on bufconn behind the interceptors (the first is
+// outermost) and returns a client; both end with the test.
+func serveTest(t *testing.T, svc testingv1.TestServiceServer, interceptors ...grpc.UnaryServerInterceptor) testingv1.TestServiceClient {
+	t.Helper()
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptors...))
+	testingv1.RegisterTestServiceServer(srv, svc)
+	lis := bufconn.Listen(1 << 20)
+	go func() { _ = srv.Serve(lis) }()
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return testingv1.NewTestServiceClient(conn)
+}
+
 // calls returns the value of the calls counter for an outcome.
 func calls(t *testing.T, r *sdkmetric.ManualReader, outcome idempotency.Outcome) int64 {
 	t.Helper()
@@ -82,20 +101,8 @@ func TestEveryOutcomeIsCounted(t *testing.T) {
 		return h(ctx, req)
 	}
 	s := &svc{started: make(chan struct{}), release: make(chan struct{})}
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(tracing,
-		idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(), idempotency.WithObserver(observe))))
-	testingv1.RegisterTestServiceServer(srv, s)
-	lis := bufconn.Listen(1 << 20)
-	go func() { _ = srv.Serve(lis) }()
-	defer srv.Stop()
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	client := testingv1.NewTestServiceClient(conn)
+	client := serveTest(t, s, tracing,
+		idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(), idempotency.WithObserver(observe)))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	key := func(k string) context.Context { return metadata.AppendToOutgoingContext(ctx, "idempotency-key", k) }

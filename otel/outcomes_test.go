@@ -3,7 +3,6 @@ package idempotencyotel
 import (
 	"context"
 	"errors"
-	"net"
 	"testing"
 	"time"
 
@@ -12,10 +11,8 @@ import (
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 )
 
 // brokenStore fails every claim, as an unreachable Redis would.
@@ -81,19 +78,8 @@ func TestOutcomeKinds(t *testing.T) {
 			if store == nil {
 				store = idempotency.NewMemoryStore()
 			}
-			srv := grpc.NewServer(grpc.ChainUnaryInterceptor(recoverer,
-				idempotency.UnaryServerInterceptor(store, append([]idempotency.Option{idempotency.WithObserver(observe)}, tc.opts...)...)))
-			testingv1.RegisterTestServiceServer(srv, outcomeSvc{})
-			lis := bufconn.Listen(1 << 20)
-			go func() { _ = srv.Serve(lis) }()
-			defer srv.Stop()
-			conn, err := grpc.NewClient("passthrough:///bufnet",
-				grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-				grpc.WithTransportCredentials(insecure.NewCredentials()))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
+			client := serveTest(t, outcomeSvc{}, recoverer,
+				idempotency.UnaryServerInterceptor(store, append([]idempotency.Option{idempotency.WithObserver(observe)}, tc.opts...)...))
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			ctx = metadata.AppendToOutgoingContext(ctx, "idempotency-key", "k")
@@ -101,7 +87,6 @@ func TestOutcomeKinds(t *testing.T) {
 			if req == nil {
 				req = &testingv1.DoRequest{Id: "x"}
 			}
-			client := testingv1.NewTestServiceClient(conn)
 			_, _ = client.Do(ctx, req)
 			if tc.repeat {
 				_, _ = client.Do(ctx, req)

@@ -34,6 +34,21 @@ func newRecordFlags(cmd, what string, stderr io.Writer) *recordFlags {
 	}
 }
 
+// open parses args and connects to the store, under the command's
+// deadline; done releases both.
+func (f *recordFlags) open(ctx context.Context, args []string) (context.Context, *redisStore, func(), error) {
+	if err := f.parse(args); err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, *f.timeout)
+	store, err := openStore(ctx, *f.redis)
+	if err != nil {
+		cancel()
+		return nil, nil, nil, err
+	}
+	return ctx, store, func() { store.close(); cancel() }, nil
+}
+
 // parse parses args and checks the required flags.
 func (f *recordFlags) parse(args []string) error {
 	if err := parse(f.fs, args); err != nil {
@@ -78,16 +93,11 @@ func (f *recordFlags) noRecord() error {
 
 func inspectCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	f := newRecordFlags("inspect", "Shows the record the idempotency interceptor keeps for a key (never the stored response\nitself). Exits 1 when there is none.", stderr)
-	if err := f.parse(args); err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, *f.timeout)
-	defer cancel()
-	store, err := openStore(ctx, *f.redis)
+	ctx, store, done, err := f.open(ctx, args)
 	if err != nil {
 		return err
 	}
-	defer store.close()
+	defer done()
 	info, err := idempotency.Lookup(ctx, store, *f.method, *f.scope, *f.key)
 	if errors.Is(err, idempotency.ErrNoRecord) {
 		return f.noRecord()
@@ -133,16 +143,11 @@ func printRecord(w io.Writer, f *recordFlags, store *redisStore, info *idempoten
 
 func forgetCommand(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	f := newRecordFlags("forget", "Deletes the record of a key, so that the next call with it runs the handler again.\nForget an in-progress record only when its call is known to be dead.", stderr)
-	if err := f.parse(args); err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, *f.timeout)
-	defer cancel()
-	store, err := openStore(ctx, *f.redis)
+	ctx, store, done, err := f.open(ctx, args)
 	if err != nil {
 		return err
 	}
-	defer store.close()
+	defer done()
 	// What is about to be deleted, for the message; a record that cannot
 	// be decoded is deleted all the same.
 	info, _ := idempotency.Lookup(ctx, store, *f.method, *f.scope, *f.key)
