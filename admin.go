@@ -22,7 +22,11 @@ type AdminStore interface {
 	// live, or ErrNoRecord.
 	Get(ctx context.Context, key string) (record []byte, ttl time.Duration, err error)
 	// Delete removes the record under key, whatever its state, or returns
-	// ErrNoRecord.
+	// ErrNoRecord. Deleting an in-progress record fences its owner token off
+	// for the rest of the lease: a new claim may take the key at once, but
+	// the owner, if it is still running, can no longer renew, take back,
+	// complete or release it (each returns ErrLeaseLost). A forgotten record
+	// is never written back.
 	Delete(ctx context.Context, key string) error
 }
 
@@ -83,8 +87,11 @@ func Lookup(ctx context.Context, store AdminStore, fullMethod, scope, key string
 // Forget deletes the record of the key a client sent to fullMethod within
 // scope, so the next call with that key runs the handler. Deleting an
 // in-progress record lets a duplicate run while the first may still be
-// running: do it only for a call known to be dead. The running owner, if
-// any, then finds its lease lost and writes nothing.
+// running: do it only for a call known to be dead. If the owner is in fact
+// still running, it finds its lease lost (at its next renewal, or when it
+// tries to store its outcome) and writes nothing: its caller still gets the
+// handler's answer, the server reports lease_lost, and the key stays
+// forgotten until a new call claims it.
 func Forget(ctx context.Context, store AdminStore, fullMethod, scope, key string) error {
 	return store.Delete(ctx, StoreKey(fullMethod, scope, key))
 }

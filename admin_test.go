@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -60,4 +61,68 @@ func TestLookupAndForget(t *testing.T) {
 			t.Fatalf("Forget of an unknown key: %v, want ErrNoRecord", err)
 		}
 	})
+}
+
+// TestForgottenRecordIsNotWrittenBack verifies what Forget promises about a
+// call that was in fact still running: when nobody claims the key in
+// between, the owner writes nothing back, whether it learns of the Forget
+// when it stores its outcome or at a renewal (even one long after the
+// forgotten lease would have ended); its caller still gets the answer, the
+// server reports lease_lost, and the next call runs the handler.
+func TestForgottenRecordIsNotWrittenBack(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		lease time.Duration
+	}{
+		{"learns at completion", time.Minute},
+		{"learns at a renewal", 300 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forEachBackend(t, func(t *testing.T, b *backend) {
+				admin := b.store.(AdminStore)
+				b.realTime(t)
+				var fenced atomic.Int64
+				store := &hookStore{next: b.store}
+				store.claim = func(ctx context.Context, key, token string, record []byte, l time.Duration) (ClaimResult, error) {
+					res, err := b.store.Claim(ctx, key, token, record, l)
+					if errors.Is(err, ErrLeaseLost) {
+						fenced.Add(1)
+					}
+					return res, err
+				}
+				started, release := make(chan struct{}), make(chan struct{})
+				env := newTestEnv(t, store, envConfig{svc: &testService{do: blockingFirstRun(started, release)},
+					opts: []Option{WithLease(tc.lease)}})
+				ctx := withKey(testCtx(t), "forgotten")
+				done := make(chan error, 1)
+				go func() {
+					_, err := env.client.Do(ctx, &testingv1.DoRequest{})
+					done <- err
+				}()
+				<-started
+				if err := Forget(ctx, admin, methodDo, "", "forgotten"); err != nil {
+					t.Fatal(err)
+				}
+				if tc.lease < time.Minute {
+					waitUntil(t, "a renewal finds the record forgotten", func() bool { return fenced.Load() >= 1 })
+					// Long past the forgotten lease: no fence is left in
+					// the store to stop a write.
+					deadline := time.Now().Add(3 * tc.lease)
+					waitUntil(t, "the forgotten lease has ended", func() bool { return time.Now().After(deadline) })
+				}
+				close(release)
+				if err := <-done; err != nil {
+					t.Fatalf("the forgotten call's own answer: %v", err)
+				}
+				env.events.waitFor(t, OutcomeLeaseLost, 1)
+				if _, err := Lookup(ctx, admin, methodDo, "", "forgotten"); !errors.Is(err, ErrNoRecord) {
+					t.Fatalf("Lookup after the forgotten call finished: %v, want ErrNoRecord (written back)", err)
+				}
+				r, err := env.client.Do(ctx, &testingv1.DoRequest{})
+				if err != nil || r.GetExecution() != 2 {
+					t.Fatalf("call after Forget = %v, %v; want execution 2", r, err)
+				}
+			})
+		})
+	}
 }

@@ -300,7 +300,7 @@ func benchRedisBackend(b *testing.B, name string) *benchRedis {
 	default:
 		b.Fatalf("unknown backend %q", name)
 	}
-	c := redis.NewClient(&redis.Options{Addr: addr})
+	c := redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true})
 	b.Cleanup(func() { c.Close() })
 	rt := &roundTrips{}
 	c.AddHook(rt)

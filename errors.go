@@ -72,6 +72,10 @@ var (
 	ErrLeaseLost = errors.New("idempotency: lease lost")
 	// ErrCorruptRecord is wrapped by errors decoding a stored record.
 	ErrCorruptRecord = errors.New("idempotency: corrupt record")
+
+	// errForgotten is the Event error of a call whose record was deleted
+	// with Forget while its handler ran.
+	errForgotten = fmt.Errorf("%w: the record was forgotten (deleted) while the handler ran; its outcome was not written back", ErrLeaseLost)
 )
 
 // ReasonOf returns the google.rpc.ErrorInfo reason of err when err is a gRPC

@@ -157,6 +157,36 @@ type backend struct {
 	plant func(storeKey string, record []byte)
 	// exists reports whether storeKey holds a record.
 	exists func(storeKey string) bool
+	// mini is the miniredis server behind the store, or nil.
+	mini *miniredis.Miniredis
+}
+
+// realTime makes the backend's TTLs count down with the wall clock until the
+// test ends: miniredis's do only when fast-forwarded, so a goroutine does
+// that every few milliseconds. The memory store and redis-server already
+// count real time.
+func (b *backend) realTime(t *testing.T) {
+	if b.mini == nil {
+		return
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	t.Cleanup(func() { close(stop); <-done })
+	go func() {
+		defer close(done)
+		last := time.Now()
+		tick := time.NewTicker(2 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case now := <-tick.C:
+				b.mini.FastForward(now.Sub(last))
+				last = now
+			}
+		}
+	}()
 }
 
 // backendFactories are the store implementations every scenario runs
@@ -197,15 +227,16 @@ func newMemoryBackend(t *testing.T) *backend {
 
 func newMiniredisBackend(t *testing.T) *backend {
 	m := miniredis.RunT(t)
-	c := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	c := redis.NewClient(&redis.Options{Addr: m.Addr(), ContextTimeoutEnabled: true})
 	t.Cleanup(func() { c.Close() })
 	b := redisBackend(t, "miniredis", c)
+	b.mini = m
 	return b
 }
 
 func newRealRedisBackend(t *testing.T) *backend {
 	srv := sharedRedisServer(t)
-	c := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	c := redis.NewClient(&redis.Options{Addr: srv.Addr, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { c.Close() })
 	return redisBackend(t, "redis-server", c)
 }
@@ -215,7 +246,7 @@ func redisBackend(t *testing.T, name string, c redis.UniversalClient) *backend {
 	ctx := context.Background()
 	return &backend{
 		name:   name,
-		store:  NewRedisStore(c, WithKeyPrefix(prefix)),
+		store:  NewRedisStore(c, WithKeyPrefix(prefix), WithRedisLogger(nil)),
 		client: c,
 		prefix: prefix,
 		expire: func(k string) { c.Del(ctx, prefix+k) },

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"sync"
 	"time"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
@@ -71,7 +70,9 @@ type call struct {
 	storeKey string
 	fp       []byte
 	token    string
-	ev       Event
+	// inProgress is the encoded in-progress record the call claims with.
+	inProgress []byte
+	ev         Event
 	// final is the completed record the call ended with (executed or
 	// replayed), shared with the local cache and coalesced duplicates.
 	final *idempotencyv1.Record
@@ -80,7 +81,7 @@ type call struct {
 func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	policy := s.policies.get(info.FullMethod)
 	if policy == KeyIgnored {
-		return handler(ctx, req)
+		return handler(guardMarker(ctx), req)
 	}
 	c := &call{method: info.FullMethod, ev: Event{Method: info.FullMethod}}
 	key, present, err := s.extractKey(ctx, req)
@@ -92,8 +93,8 @@ func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 			return nil, s.fail(ctx, c, OutcomeKeyMissing, errKeyRequired(c.method, s.keySource()), nil)
 		}
 		c.ev.Outcome = OutcomePassThrough
-		resp, err := handler(ctx, req)
-		c.ev.Code = status.Code(err)
+		resp, err := handler(guardMarker(ctx), req)
+		c.ev.Code = handlerStatus(err).Code()
 		s.emit(ctx, c)
 		return resp, err
 	}
@@ -143,7 +144,8 @@ func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 // claim claims the key and either executes the handler or answers from the
 // stored record. It loops only when waiting for a running first call.
 func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (any, error) {
-	inProgress, err := proto.Marshal(&idempotencyv1.Record{
+	var err error
+	c.inProgress, err = proto.Marshal(&idempotencyv1.Record{
 		Version:     recordVersion,
 		State:       idempotencyv1.Record_STATE_IN_PROGRESS,
 		Fingerprint: c.fp,
@@ -156,8 +158,8 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 	}
 	wait := s.o.pollInterval
 	for {
-		start := time.Now()
-		res, err := s.store.Claim(ctx, c.storeKey, c.token, inProgress, s.o.lease)
+		start, sent := time.Now(), s.o.now()
+		res, err := s.store.Claim(ctx, c.storeKey, c.token, c.inProgress, s.o.lease)
 		c.ev.StoreLatency += time.Since(start)
 		if err != nil {
 			// The claim may have been applied with its reply lost: free it
@@ -176,8 +178,8 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			}
 			if s.o.failOpen {
 				c.ev.Outcome, c.ev.Err = OutcomeFailOpen, err
-				resp, herr := handler(contextWithServerKey(ctx, c.key), req)
-				c.ev.Code = status.Code(herr)
+				resp, herr := handler(contextWithServerKey(guardMarker(ctx), c.key), req)
+				c.ev.Code = handlerStatus(herr).Code()
 				s.emit(ctx, c)
 				return resp, herr
 			}
@@ -200,8 +202,11 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
 		}
 		if rec.GetState() != idempotencyv1.Record_STATE_IN_PROGRESS {
-			if s.cache != nil && bytes.Equal(rec.GetFingerprint(), c.fp) {
-				s.cache.put(c.storeKey, rec, s.o.now(), s.o.ttl)
+			if s.cache != nil && res.TTL > 0 && bytes.Equal(rec.GetFingerprint(), c.fp) {
+				// Kept no longer than the store said the record has left,
+				// counted from before the claim was sent: another server's
+				// clock never decides how long this one replays.
+				s.cache.put(c.storeKey, rec, sent, res.TTL)
 			}
 			return s.answer(ctx, c, rec)
 		}
@@ -254,14 +259,14 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 		cs = &capturingStream{ServerTransportStream: st}
 		hctx = grpc.NewContextWithServerTransportStream(hctx, cs)
 	}
-	// The lease is renewed until the outcome is written, so a write that
-	// must be retried (Redis briefly unreachable) does not let the lease end
-	// under it.
-	stopRenewal := s.renew(c)
-	defer stopRenewal()
+	// The lease is kept until the outcome is written, so a write that must
+	// be retried (Redis briefly unreachable) does not let the lease end under
+	// it. A release stops it first: a key being freed needs no lease.
+	keeper := s.keepLease(c)
 	panicked := true
 	defer func() {
 		if panicked {
+			keeper.stop(true)
 			c.ev.Outcome, c.ev.Code = OutcomePanicked, codes.Internal
 			c.ev.Err = s.finish(ctx, c, nil)
 			s.emit(ctx, c)
@@ -270,9 +275,10 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	resp, err = handler(hctx, req)
 	panicked = false
 
-	st := status.Convert(err)
+	st := handlerStatus(err)
 	c.ev.Code = st.Code()
 	if !s.o.storeOutcome(st.Code()) {
+		keeper.stop(true)
 		c.ev.Outcome = OutcomeReleased
 		if ferr := s.finish(ctx, c, nil); ferr != nil {
 			c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
@@ -288,22 +294,48 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	if rerr != nil {
 		// The outcome cannot be stored (e.g. a non-protobuf response): free
 		// the key rather than leave it stuck in progress.
+		keeper.stop(true)
 		c.ev.Outcome, c.ev.Err = OutcomeNotStored, rerr
 		_ = s.finish(ctx, c, nil)
 		s.emit(ctx, c)
 		return resp, err
 	}
+	if keeper.wasForgotten() {
+		// An operator deleted the record while the handler ran (Forget):
+		// it must not come back.
+		keeper.stop(false)
+		c.ev.Outcome, c.ev.Err = OutcomeLeaseLost, errForgotten
+		s.emit(ctx, c)
+		return resp, err
+	}
 	c.ev.Outcome = outcome
-	if ferr := s.finish(ctx, c, rec); ferr != nil {
+	written := s.o.now()
+	ferr := s.finish(ctx, c, rec)
+	keeper.stop(false)
+	if ferr != nil {
 		c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
 	} else {
 		c.final = final
 		if s.cache != nil {
-			s.cache.put(c.storeKey, final, s.o.now(), s.o.ttl)
+			// Counted from before the write, so never past the store's
+			// own expiry.
+			s.cache.put(c.storeKey, final, written, s.o.ttl)
 		}
 	}
 	s.emit(ctx, c)
 	return resp, err
+}
+
+// handlerStatus returns the status grpc-go sends for a handler's error: the
+// error's own status, or, for an error that is not a status, the status of
+// a context error (a bare context.DeadlineExceeded is DeadlineExceeded, not
+// Unknown), exactly as grpc-go's server does. The stored code is therefore
+// always the code the client received.
+func handlerStatus(err error) *status.Status {
+	if st, ok := status.FromError(err); ok {
+		return st
+	}
+	return status.FromContextError(err)
 }
 
 func outcomeOfStoreErr(err error) Outcome {
@@ -359,8 +391,7 @@ func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trail
 		Trailer:      mdToEntries(trailer),
 		CompleteTime: timestamppb.New(now),
 	}
-	sp := st.Proto()
-	rec.Status = &idempotencyv1.Status{Code: sp.GetCode(), Message: sp.GetMessage(), Details: sp.GetDetails()}
+	rec.Status = wireStatus(st)
 	if st.Code() == codes.OK {
 		m, ok := resp.(proto.Message)
 		if !ok {
@@ -431,38 +462,6 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 		return nil, status.FromProto(sp).Err()
 	}
 	return resp, nil
-}
-
-// renew keeps the lease of c alive until the returned stop is called. It
-// stops by itself once the token no longer owns the key (the outcome was
-// written, or the lease was lost: the write will report that).
-func (s *server) renew(c *call) (stop func()) {
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		every := max(s.o.lease/3, time.Millisecond)
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-			}
-			rctx, cancel := context.WithTimeout(context.Background(), every)
-			err := s.store.Renew(rctx, c.storeKey, c.token, s.o.lease)
-			cancel()
-			if errors.Is(err, ErrLeaseLost) {
-				return
-			}
-			// Other errors are retried on the next tick: the lease still has
-			// two thirds of its length to run.
-		}
-	}()
-	var once sync.Once
-	return func() { once.Do(func() { close(done); wg.Wait() }) }
 }
 
 func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause error) error {

@@ -38,7 +38,7 @@ func newRelFleet(t *testing.T, n int, redisAddr string, handler func(ctx context
 	svc := &testService{do: handler}
 	for i := 0; i < n; i++ {
 		events := newEventLog()
-		rc := redis.NewClient(&redis.Options{Addr: redisAddr})
+		rc := redis.NewClient(&redis.Options{Addr: redisAddr, ContextTimeoutEnabled: true})
 		t.Cleanup(func() { rc.Close() })
 		opts := append([]Option{WithObserver(events.observe)}, serverOpts(i)...)
 		lis := serveTestService(t, svc, grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(f.prefix)), opts...)))

@@ -51,16 +51,13 @@ func (c *localCache) get(key string, now time.Time) *idempotencyv1.Record {
 	return e.rec
 }
 
-// put caches a completed record until the earlier of its own expiry
-// (completion + ttl) and now + maxAge.
-func (c *localCache) put(key string, rec *idempotencyv1.Record, now time.Time, ttl time.Duration) {
-	expires := now.Add(c.maxAge)
-	if t := rec.GetCompleteTime(); t != nil {
-		if end := t.AsTime().Add(ttl); end.Before(expires) {
-			expires = end
-		}
-	}
-	if !now.Before(expires) {
+// put caches a completed record for the earlier of ttl and maxAge from
+// since. ttl is what this server knows of the record's remaining life in
+// the store, measured from since on this server's clock; the record's own
+// times, written by whichever server completed it, are never used.
+func (c *localCache) put(key string, rec *idempotencyv1.Record, since time.Time, ttl time.Duration) {
+	expires := since.Add(min(ttl, c.maxAge))
+	if !since.Before(expires) {
 		return
 	}
 	c.mu.Lock()

@@ -125,3 +125,73 @@ func TestCoalescing(t *testing.T) {
 		}
 	})
 }
+
+// fakeClock is a settable clock for withClock.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now = c.now.Add(d)
+	c.mu.Unlock()
+}
+
+// TestLocalCacheBoundedByStoreTTL verifies that a server's local cache
+// keeps a record no longer than the store's remaining TTL as this server
+// saw it, whatever the clock of the server that completed it says: with
+// that server's clock 30s ahead, a new request under an expired key runs
+// instead of being refused as KEY_REUSED from a stale cache entry.
+func TestLocalCacheBoundedByStoreTTL(t *testing.T) {
+	for _, name := range []string{"memory", "miniredis"} {
+		t.Run(name, func(t *testing.T) {
+			clockB := &fakeClock{now: time.Now()}
+			clockA := &fakeClock{now: clockB.Now().Add(30 * time.Second)}
+			var store Store
+			var advanceStore func(time.Duration)
+			if name == "memory" {
+				ms := NewMemoryStore()
+				storeClock := &fakeClock{now: clockB.Now()}
+				ms.now = storeClock.Now
+				store, advanceStore = ms, storeClock.Advance
+			} else {
+				b := newMiniredisBackend(t)
+				store, advanceStore = b.store, b.mini.FastForward
+			}
+			const ttl = time.Minute
+			a := newTestEnv(t, store, envConfig{opts: []Option{WithTTL(ttl), withClock(clockA.Now)}})
+			bEnv := newTestEnv(t, store, envConfig{opts: []Option{WithTTL(ttl), withClock(clockB.Now), WithLocalCache(100, time.Hour)}})
+			ctx := withKey(testCtx(t), "skewed")
+			if _, err := a.client.Do(ctx, &testingv1.DoRequest{Id: "first"}); err != nil {
+				t.Fatal(err)
+			}
+			// B learns the record through its claim and caches it.
+			if _, err := bEnv.client.Do(ctx, &testingv1.DoRequest{Id: "first"}); err != nil {
+				t.Fatal(err)
+			}
+			_, err := bEnv.client.Do(ctx, &testingv1.DoRequest{Id: "second"})
+			wantStatus(t, err, codes.FailedPrecondition, ReasonKeyReused)
+			if e, _ := bEnv.events.last(OutcomeKeyReused); !e.Local {
+				t.Fatalf("the refusal did not come from B's cache: the test proves nothing")
+			}
+			// The key expires in the store.
+			advanceStore(ttl + time.Second)
+			clockB.Advance(ttl + time.Second)
+			clockA.Advance(ttl + time.Second)
+			r, err := bEnv.client.Do(ctx, &testingv1.DoRequest{Id: "second"})
+			if err != nil {
+				t.Fatalf("a new request under the expired key: %v; want it executed", err)
+			}
+			if r.GetExecution() != 1 || bEnv.svc.runs.Load() != 1 {
+				t.Fatalf("B's executions = %d, want 1", bEnv.svc.runs.Load())
+			}
+		})
+	}
+}

@@ -3,6 +3,7 @@ package idempotency
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"sync"
 	"time"
 )
@@ -21,7 +22,8 @@ type MemoryStore struct {
 type memEntry struct {
 	token   string // owner while in progress; "" once completed
 	doneBy  string // the token that completed the record
-	record  []byte
+	record  []byte // nil for a fence
+	fenced  string // the forgotten owner's token, for a fence (see Delete)
 	expires time.Time
 }
 
@@ -66,12 +68,28 @@ func (s *MemoryStore) sweep() {
 	}
 }
 
+// memCheckExpiry refuses a lease or TTL below 1ms, as every store must.
+func memCheckExpiry(what string, d time.Duration) error {
+	if d < time.Millisecond {
+		return fmt.Errorf("idempotency: memory store %s of %v is below 1ms; nothing was written", what, d)
+	}
+	return nil
+}
+
 // Claim implements [Store.Claim].
 func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error) {
+	if err := memCheckExpiry("lease", lease); err != nil {
+		return ClaimResult{}, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e := s.live(key); e != nil {
-		return ClaimResult{Record: e.record}, nil
+		if e.record != nil {
+			return ClaimResult{Record: e.record, TTL: e.expires.Sub(s.now())}, nil
+		}
+		if e.fenced == token {
+			return ClaimResult{}, ErrLeaseLost
+		}
 	}
 	s.sweep()
 	s.entries[key] = &memEntry{token: token, record: bytes.Clone(record), expires: s.now().Add(lease)}
@@ -80,6 +98,9 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte,
 
 // Renew implements [Store.Renew].
 func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Duration) error {
+	if err := memCheckExpiry("lease", lease); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.live(key)
@@ -92,6 +113,9 @@ func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Dur
 
 // Complete implements [Store.Complete].
 func (s *MemoryStore) Complete(_ context.Context, key, token string, record []byte, ttl time.Duration) error {
+	if err := memCheckExpiry("ttl", ttl); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.live(key)
@@ -111,7 +135,10 @@ func (s *MemoryStore) Release(_ context.Context, key, token string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.live(key)
-	if e == nil || e.token != token {
+	if e == nil {
+		return nil
+	}
+	if e.token != token {
 		return ErrLeaseLost
 	}
 	delete(s.entries, key)
@@ -125,7 +152,7 @@ func (s *MemoryStore) Len() int {
 	n := 0
 	now := s.now()
 	for _, e := range s.entries {
-		if now.Before(e.expires) {
+		if e.record != nil && now.Before(e.expires) {
 			n++
 		}
 	}
@@ -137,18 +164,24 @@ func (s *MemoryStore) Get(_ context.Context, key string) ([]byte, time.Duration,
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.live(key)
-	if e == nil {
+	if e == nil || e.record == nil {
 		return nil, 0, ErrNoRecord
 	}
 	return bytes.Clone(e.record), e.expires.Sub(s.now()), nil
 }
 
-// Delete implements [AdminStore.Delete].
+// Delete implements [AdminStore.Delete]. Deleting an in-progress record
+// leaves a fence on its owner token for the rest of its lease.
 func (s *MemoryStore) Delete(_ context.Context, key string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.live(key) == nil {
+	e := s.live(key)
+	if e == nil || e.record == nil {
 		return ErrNoRecord
+	}
+	if e.token != "" {
+		s.entries[key] = &memEntry{fenced: e.token, expires: e.expires}
+		return nil
 	}
 	delete(s.entries, key)
 	return nil

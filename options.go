@@ -2,6 +2,7 @@ package idempotency
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"strings"
 	"time"
@@ -75,6 +76,7 @@ type options struct {
 	localCacheSize  int
 	localCacheAge   time.Duration
 	coalesce        bool
+	renewHook       func(storeKey string) // tests: each renewal as it begins
 }
 
 func evaluateOptions(opts []Option) *options {
@@ -91,7 +93,9 @@ func evaluateOptions(opts []Option) *options {
 		now:             time.Now,
 	}
 	for _, opt := range opts {
-		opt(o)
+		if opt != nil {
+			opt(o)
+		}
 	}
 	o.keyHeader = strings.ToLower(o.keyHeader)
 	o.binHeader = o.keyHeader + "-bin"
@@ -116,24 +120,28 @@ func WithKeyField(field string) Option {
 
 // WithTTL sets how long a completed outcome is kept and replayed. Repeats
 // after it expires run the handler again. Default [DefaultTTL] (24h).
+// Panics if d is below 1ms, the least a store can keep (Redis counts in
+// milliseconds, and a zero expiry would delete the record at once).
 func WithTTL(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.ttl = d
-		}
+	if d < time.Millisecond {
+		panic(fmt.Sprintf("idempotency: WithTTL(%v): the TTL must be at least 1ms", d))
 	}
+	return func(o *options) { o.ttl = d }
 }
 
 // WithLease sets the lease of an in-progress key. The interceptor renews it
-// every third of its length while the handler runs, so a slow handler keeps
-// its key; if the server dies, the key frees itself when the lease ends and a
-// retry runs the handler again. Default [DefaultLease] (30s).
+// every third of its length while the handler runs, retrying a failed
+// renewal within a few hundredths of the lease, so a slow handler keeps its
+// key through a store outage shorter than what is left of its lease; if the
+// server dies, the key frees itself when the lease ends and a retry runs the
+// handler again. Default [DefaultLease] (30s). Panics if d is below 1ms, the
+// least a store can keep: a zero expiry would delete the claim at once and
+// let every concurrent duplicate run.
 func WithLease(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.lease = d
-		}
+	if d < time.Millisecond {
+		panic(fmt.Sprintf("idempotency: WithLease(%v): the lease must be at least 1ms", d))
 	}
+	return func(o *options) { o.lease = d }
 }
 
 // WithRetryDelay sets the google.rpc.RetryInfo delay sent with the Aborted

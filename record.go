@@ -4,9 +4,11 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -85,9 +87,13 @@ func checkMetadata(entries []*idempotencyv1.MetadataEntry) error {
 	return nil
 }
 
-// checkEntry refuses a metadata entry gRPC could not send: a key outside
-// [0-9a-z_.-] or reserved ("grpc-"), or a value of a non-binary key outside
-// printable ASCII.
+// checkEntry refuses a metadata entry gRPC could not deliver: a key outside
+// [0-9a-z_.-] or reserved ("grpc-"), or a value of a non-binary key with a
+// control character other than tab. grpc-go's server sends any other value
+// byte for byte (UTF-8 such as "café" included) and its client accepts it,
+// so those are stored and replayed as sent; a control character makes the
+// client's HTTP/2 layer refuse the whole response, so such a value never
+// reached the client the first time.
 func checkEntry(e *idempotencyv1.MetadataEntry) error {
 	k := e.GetKey()
 	if k == "" || strings.HasPrefix(k, "grpc-") {
@@ -103,7 +109,7 @@ func checkEntry(e *idempotencyv1.MetadataEntry) error {
 	}
 	for _, v := range e.GetValues() {
 		for _, c := range v {
-			if c < 0x20 || c > 0x7e {
+			if (c < 0x20 && c != '\t') || c == 0x7f {
 				return fmt.Errorf("%w: value of metadata key %q", ErrCorruptRecord, k)
 			}
 		}
@@ -140,4 +146,39 @@ func entriesToMD(entries []*idempotencyv1.MetadataEntry) metadata.MD {
 		}
 	}
 	return md
+}
+
+// wireStatus returns a status as grpc-go puts it on the wire, which is what
+// the client of a first execution receives, so that a replay is identical.
+// grpc-go percent-encodes the message rune by rune, turning each byte that
+// is not valid UTF-8 into U+FFFD; and it drops the details when it cannot
+// encode the status (a message or type URL that is not valid UTF-8).
+func wireStatus(st *status.Status) *idempotencyv1.Status {
+	p := st.Proto()
+	out := &idempotencyv1.Status{Code: p.GetCode(), Message: wireMessage(p.GetMessage())}
+	if len(p.GetDetails()) > 0 {
+		if _, err := proto.Marshal(p); err == nil {
+			out.Details = p.GetDetails()
+		}
+	}
+	return out
+}
+
+// wireMessage is msg with every byte that is not part of valid UTF-8
+// replaced by U+FFFD, one per byte, as grpc-go's grpc-message encoding does.
+func wireMessage(msg string) string {
+	if utf8.ValidString(msg) {
+		return msg
+	}
+	var b strings.Builder
+	for len(msg) > 0 {
+		r, size := utf8.DecodeRuneInString(msg)
+		if r == utf8.RuneError && size == 1 {
+			b.WriteRune(utf8.RuneError)
+		} else {
+			b.WriteString(msg[:size])
+		}
+		msg = msg[size:]
+	}
+	return b.String()
 }

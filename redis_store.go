@@ -5,7 +5,9 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -26,15 +28,15 @@ var (
 	releaseLua string
 	//go:embed scripts/inspect.lua
 	inspectLua string
+	//go:embed scripts/forget.lua
+	forgetLua string
 
 	claimScript    = redis.NewScript(claimLua)
 	renewScript    = redis.NewScript(renewLua)
 	completeScript = redis.NewScript(completeLua)
 	releaseScript  = redis.NewScript(releaseLua)
 	inspectScript  = redis.NewScript(inspectLua)
-	// deleteScript is a plain DEL, as a script so the store needs nothing
-	// but redis.Scripter from its client.
-	deleteScript = redis.NewScript("return redis.call('DEL', KEYS[1])")
+	forgetScript   = redis.NewScript(forgetLua)
 )
 
 // RedisStore is a [Store] on Redis. Each record is one Redis hash, and each
@@ -46,10 +48,21 @@ var (
 //
 // Durability is Redis's: with asynchronous replication a failover can lose
 // a record written just before it, and without AOF a restart loses all of
-// them. Use appendonly yes (appendfsync everysec or always) for payments.
+// them. Use appendonly yes (appendfsync everysec or always) for payments, and
+// maxmemory-policy noeviction: any other policy lets Redis evict records,
+// in-progress claims included, and a retry of an evicted key runs again.
+// [RedisStore.CheckConfig] reports both the eviction policy and a client
+// that ignores context deadlines; the store logs its findings once, on
+// first use.
 type RedisStore struct {
 	client redis.Scripter
 	prefix string
+	logger *slog.Logger
+	// bounded is set when the client is known to honour context deadlines
+	// itself (ContextTimeoutEnabled). Otherwise every call is bounded by the
+	// store, so a hung Redis cannot hold a call past its deadline.
+	bounded bool
+	checked sync.Once
 }
 
 // RedisOption configures a [RedisStore].
@@ -61,20 +74,69 @@ func WithKeyPrefix(prefix string) RedisOption {
 	return func(s *RedisStore) { s.prefix = prefix }
 }
 
+// WithRedisLogger sets where the store logs, once, what
+// [RedisStore.CheckConfig] finds on first use. Default slog.Default(); nil
+// turns the check off.
+func WithRedisLogger(l *slog.Logger) RedisOption {
+	return func(s *RedisStore) { s.logger = l }
+}
+
 // NewRedisStore returns a store on client, typically a
 // redis.UniversalClient: a *redis.Client, a Sentinel failover client or a
-// *redis.ClusterClient all work.
+// *redis.ClusterClient all work. Create the client with
+// ContextTimeoutEnabled: true, so that go-redis itself honours the deadlines
+// the interceptor sets (the wait for a claim, the renew and complete
+// bounds). Without it go-redis waits for its own ReadTimeout instead; the
+// store then bounds each call itself, at the cost of a goroutine per call.
 func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
-	s := &RedisStore{client: client, prefix: DefaultKeyPrefix}
+	s := &RedisStore{client: client, prefix: DefaultKeyPrefix, logger: slog.Default()}
 	for _, opt := range opts {
-		opt(s)
+		if opt != nil {
+			opt(s)
+		}
 	}
+	s.bounded = contextTimeoutEnabled(client) == 1
 	return s
+}
+
+// run runs script, bounded by ctx even when the client would wait for its
+// own ReadTimeout. A command abandoned that way may still be applied; every
+// caller treats an error as "maybe applied", as it must for any network
+// error.
+func (s *RedisStore) run(ctx context.Context, script *redis.Script, keys []string, args ...any) *redis.Cmd {
+	if s.logger != nil {
+		s.checked.Do(func() { go s.logConfig() })
+	}
+	if s.bounded || ctx.Done() == nil {
+		return script.Run(ctx, s.client, keys, args...)
+	}
+	done := make(chan *redis.Cmd, 1)
+	go func() { done <- script.Run(ctx, s.client, keys, args...) }()
+	select {
+	case cmd := <-done:
+		return cmd
+	case <-ctx.Done():
+		cmd := redis.NewCmd(ctx)
+		cmd.SetErr(ctx.Err())
+		return cmd
+	}
+}
+
+// checkExpiry refuses a lease or TTL Redis cannot express: PEXPIRE with 0
+// deletes the key at once, and a negative value is an error.
+func checkExpiry(what string, d time.Duration) error {
+	if d < time.Millisecond {
+		return fmt.Errorf("idempotency: redis %s of %v: the least Redis can keep is 1ms; nothing was written", what, d)
+	}
+	return nil
 }
 
 // Claim implements [Store.Claim] with one script call.
 func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error) {
-	res, err := claimScript.Run(ctx, s.client, []string{s.prefix + key}, token, record, lease.Milliseconds()).Slice()
+	if err := checkExpiry("lease", lease); err != nil {
+		return ClaimResult{}, err
+	}
+	res, err := s.run(ctx, claimScript, []string{s.prefix + key}, token, record, lease.Milliseconds()).Slice()
 	if err != nil {
 		if strings.Contains(err.Error(), "WRONGTYPE") {
 			// Something else wrote this key: it will never heal by retrying.
@@ -82,26 +144,38 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 		}
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: %w", err)
 	}
-	if len(res) == 1 {
+	switch {
+	case len(res) == 1 && res[0] == int64(1):
 		return ClaimResult{Claimed: true}, nil
-	}
-	if len(res) != 2 {
+	case len(res) == 1 && res[0] == int64(2):
+		return ClaimResult{}, ErrLeaseLost
+	case len(res) != 3:
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: unexpected reply %v", res)
 	}
 	rec, ok := res[1].(string)
 	if !ok {
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: unexpected record type %T", res[1])
 	}
-	return ClaimResult{Record: []byte(rec)}, nil
+	out := ClaimResult{Record: []byte(rec)}
+	if ms, _ := res[2].(int64); ms > 0 {
+		out.TTL = time.Duration(ms) * time.Millisecond
+	}
+	return out, nil
 }
 
 // Renew implements [Store.Renew].
 func (s *RedisStore) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+	if err := checkExpiry("lease", lease); err != nil {
+		return err
+	}
 	return s.fenced(ctx, "renew", renewScript, key, token, lease.Milliseconds())
 }
 
 // Complete implements [Store.Complete].
 func (s *RedisStore) Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error {
+	if err := checkExpiry("ttl", ttl); err != nil {
+		return err
+	}
 	return s.fenced(ctx, "complete", completeScript, key, token, record, ttl.Milliseconds())
 }
 
@@ -113,7 +187,7 @@ func (s *RedisStore) Release(ctx context.Context, key, token string) error {
 // fenced runs a script that acts only if token owns key: it returns a
 // positive integer when it acted and 0 when it did not.
 func (s *RedisStore) fenced(ctx context.Context, op string, script *redis.Script, key, token string, args ...any) error {
-	n, err := script.Run(ctx, s.client, []string{s.prefix + key}, append([]any{token}, args...)...).Int()
+	n, err := s.run(ctx, script, []string{s.prefix + key}, append([]any{token}, args...)...).Int()
 	if err != nil {
 		if errors.Is(err, redis.Nil) {
 			err = errors.New("nil reply")
@@ -128,7 +202,7 @@ func (s *RedisStore) fenced(ctx context.Context, op string, script *redis.Script
 
 // Get implements [AdminStore.Get] with one read-only script call.
 func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration, error) {
-	res, err := inspectScript.Run(ctx, s.client, []string{s.prefix + key}).Slice()
+	res, err := s.run(ctx, inspectScript, []string{s.prefix + key}).Slice()
 	if err != nil {
 		return nil, 0, fmt.Errorf("idempotency: redis get: %w", err)
 	}
@@ -140,9 +214,10 @@ func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration
 	return []byte(rec), time.Duration(ms) * time.Millisecond, nil
 }
 
-// Delete implements [AdminStore.Delete].
+// Delete implements [AdminStore.Delete]. Deleting an in-progress record
+// fences its owner off for the rest of its lease (see [AdminStore]).
 func (s *RedisStore) Delete(ctx context.Context, key string) error {
-	n, err := deleteScript.Run(ctx, s.client, []string{s.prefix + key}).Int()
+	n, err := s.run(ctx, forgetScript, []string{s.prefix + key}).Int()
 	if err != nil {
 		return fmt.Errorf("idempotency: redis delete: %w", err)
 	}

@@ -163,6 +163,10 @@ type stormRun struct {
 	rng      *rand.Rand // handler latency and payloads
 	finished atomic.Int64
 	unclaim  atomic.Int64 // handler runs without a claim held by its server
+	// inflight counts server-side calls not yet finished: a canceled
+	// caller returns at once while its server-side call may still be
+	// writing its outcome (and reporting it) for up to the complete timeout.
+	inflight atomic.Int64
 
 	results sync.Map // "code reason" -> *atomic.Int64
 }
@@ -219,6 +223,15 @@ func (r *stormRun) handler(srv *stormServer) func(ctx context.Context, req *test
 		ks.mu.Unlock()
 		return resp, nil
 	}
+}
+
+// track is the outermost server interceptor of every storm server: it
+// counts the calls in flight, so the checks can wait until every
+// server-side call has finished and reported its outcome.
+func (r *stormRun) track(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	r.inflight.Add(1)
+	defer r.inflight.Add(-1)
+	return h(ctx, req)
 }
 
 func (r *stormRun) count(err error) {
@@ -321,7 +334,7 @@ func (r *stormRun) startServers() {
 	for i := 0; i < r.cfg.servers; i++ {
 		srv := &stormServer{idx: i, events: newEventLog()}
 		client := r.cfg.newClient(i)
-		srv.store = &stormStore{Store: NewRedisStore(client, WithKeyPrefix(r.prefix)), held: map[string]map[string]bool{}}
+		srv.store = &stormStore{Store: NewRedisStore(client, WithKeyPrefix(r.prefix), WithRedisLogger(nil)), held: map[string]map[string]bool{}}
 		opts := []Option{
 			WithObserver(srv.events.observe),
 			WithLease(r.cfg.lease),
@@ -339,7 +352,7 @@ func (r *stormRun) startServers() {
 			}))
 		}
 		svc := &testService{do: r.handler(srv)}
-		lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(UnaryServerInterceptor(srv.store, opts...)))
+		lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(r.track, UnaryServerInterceptor(srv.store, opts...)))
 		dial := func(copts ...ClientOption) testingv1.TestServiceClient {
 			return dialTestService(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(copts...)))
 		}
@@ -450,6 +463,15 @@ func runStorm(t *testing.T, cfg stormConfig) *stormRun {
 	wg.Wait()
 	faultWG.Wait()
 	elapsed := time.Since(start)
+	// Classify from complete events: a call whose caller gave up may still
+	// be writing its outcome.
+	settle := time.Now().Add(time.Minute)
+	for r.inflight.Load() != 0 {
+		if time.Now().After(settle) {
+			t.Fatalf("%d server-side calls still running a minute after the storm", r.inflight.Load())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 	r.check()
 	sent := 0
 	for _, c := range calls {

@@ -370,9 +370,11 @@ func openStore(ctx context.Context, addrs string) (*redisStore, error) {
 		// only counts it down on FastForward otherwise): leases end, and
 		// inspect shows the TTL actually left.
 		mr.ClockTTL(true)
-		rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mr.Addr()}})
+		rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mr.Addr()}, ContextTimeoutEnabled: true})
 		return &redisStore{
-			RedisStore:   idempotency.NewRedisStore(rdb),
+			// miniredis has no CONFIG GET, and its memory is the process's:
+			// there is no eviction policy to check.
+			RedisStore:   idempotency.NewRedisStore(rdb, idempotency.WithRedisLogger(nil)),
 			desc:         "embedded Redis (miniredis) at " + mr.Addr(),
 			embeddedAddr: mr.Addr(),
 			close:        func() { _ = rdb.Close(); mr.Close() },
@@ -385,7 +387,9 @@ func openStore(ctx context.Context, addrs string) (*redisStore, error) {
 		}
 	}
 	// One address: a plain client; several: a Redis Cluster client.
-	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: list})
+	// ContextTimeoutEnabled: go-redis then honours the deadlines the
+	// interceptor sets (claim wait, renew and complete bounds).
+	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: list, ContextTimeoutEnabled: true})
 	pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := rdb.Ping(pctx).Err(); err != nil {

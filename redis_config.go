@@ -1,0 +1,146 @@
+package idempotency
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// contextTimeoutEnabled reports whether a go-redis client honours context
+// deadlines on its socket reads: 1 yes, 0 no, -1 unknown (a wrapper or
+// another client type).
+func contextTimeoutEnabled(client redis.Scripter) int {
+	var on bool
+	switch c := client.(type) {
+	case interface{ Options() *redis.Options }:
+		on = c.Options().ContextTimeoutEnabled
+	case interface{ Options() *redis.ClusterOptions }:
+		on = c.Options().ContextTimeoutEnabled
+	case interface{ Options() *redis.RingOptions }:
+		on = c.Options().ContextTimeoutEnabled
+	default:
+		return -1
+	}
+	if on {
+		return 1
+	}
+	return 0
+}
+
+type configGetter interface {
+	ConfigGet(ctx context.Context, parameter string) *redis.MapStringStringCmd
+}
+
+type masterIterator interface {
+	ForEachMaster(ctx context.Context, fn func(ctx context.Context, client *redis.Client) error) error
+}
+
+// CheckConfig reads the settings the store's guarantee depends on and
+// returns one warning per problem it finds, or none:
+//
+//   - a maxmemory-policy other than noeviction, on any master: Redis may then
+//     evict records, in-progress claims included, and a retry of an evicted
+//     key runs the handler again;
+//   - a server that refuses CONFIG GET (as some managed services do), so the
+//     policy could not be checked;
+//   - a go-redis client created without ContextTimeoutEnabled, which waits
+//     for its own ReadTimeout instead of the deadlines the interceptor sets
+//     (the store then bounds every call itself, with a goroutine per call).
+//
+// The store runs it once, in the background, on first use, and logs each
+// warning at Warn (see [WithRedisLogger]); call it at startup to fail fast
+// instead.
+func (s *RedisStore) CheckConfig(ctx context.Context) []string {
+	var warnings []string
+	switch contextTimeoutEnabled(s.client) {
+	case 0:
+		warnings = append(warnings, "the go-redis client was created without ContextTimeoutEnabled: true, so it ignores context deadlines and waits for its ReadTimeout; the store bounds each call itself (a goroutine per call). Set ContextTimeoutEnabled: true in the client options")
+	case -1:
+		// A wrapper of unknown type: the store bounds its calls itself, and
+		// that is all that matters; nothing to tell.
+	}
+	policies, err := s.bound(ctx, s.evictionPolicies)
+	switch {
+	case err != nil:
+		warnings = append(warnings, fmt.Sprintf("could not check maxmemory-policy (%v): make sure it is noeviction, or Redis may evict idempotency records, in-progress claims included, and a retry of an evicted key runs the handler again", err))
+	case len(policies) > 0:
+		warnings = append(warnings, strings.Join(policies, "; ")+": Redis may evict idempotency records, in-progress claims included, when it reaches maxmemory, and a retry of an evicted key runs the handler again. Set maxmemory-policy noeviction")
+	}
+	return warnings
+}
+
+// evictionPolicies returns a description of every master whose
+// maxmemory-policy is not noeviction.
+func (s *RedisStore) evictionPolicies(ctx context.Context) ([]string, error) {
+	var (
+		mu       sync.Mutex
+		policies []string
+	)
+	check := func(ctx context.Context, c configGetter, where string) error {
+		m, err := c.ConfigGet(ctx, "maxmemory-policy").Result()
+		if err != nil {
+			return err
+		}
+		p, ok := m["maxmemory-policy"]
+		if !ok {
+			return fmt.Errorf("no maxmemory-policy in the CONFIG GET reply")
+		}
+		if p != "noeviction" {
+			max := "?"
+			if mm, err := c.ConfigGet(ctx, "maxmemory").Result(); err == nil {
+				max = mm["maxmemory"]
+			}
+			mu.Lock()
+			policies = append(policies, fmt.Sprintf("%s has maxmemory-policy %s (maxmemory %s)", where, p, max))
+			mu.Unlock()
+		}
+		return nil
+	}
+	var err error
+	switch c := s.client.(type) {
+	case masterIterator:
+		err = c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
+			return check(ctx, m, "master "+m.Options().Addr)
+		})
+	case configGetter:
+		err = check(ctx, c, "the server")
+	default:
+		err = fmt.Errorf("the client (%T) cannot send CONFIG GET", s.client)
+	}
+	return policies, err
+}
+
+// bound runs f, returning when ctx ends even if the client ignores it.
+func (s *RedisStore) bound(ctx context.Context, f func(context.Context) ([]string, error)) ([]string, error) {
+	if s.bounded {
+		return f(ctx)
+	}
+	type result struct {
+		v   []string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := f(ctx)
+		done <- result{v, err}
+	}()
+	select {
+	case r := <-done:
+		return r.v, r.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// logConfig logs what CheckConfig finds, once per store.
+func (s *RedisStore) logConfig() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, w := range s.CheckConfig(ctx) {
+		s.logger.Warn("idempotency: redis store: "+w, "prefix", s.prefix)
+	}
+}
