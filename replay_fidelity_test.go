@@ -34,7 +34,9 @@ func TestNonUTF8ErrorMessageIsStored(t *testing.T) {
 		name string
 		err  func() error
 	}{
-		{"bare", func() error { return status.Error(codes.FailedPrecondition, "card \xff\xfe declined, caf\u00e9 ok, \xc3") }},
+		{"bare", func() error {
+			return status.Error(codes.FailedPrecondition, "card \xff\xfe declined, caf\u00e9 ok, \xc3")
+		}},
 		{"with details", func() error {
 			st, err := status.New(codes.FailedPrecondition, "card \xff declined").WithDetails(info)
 			if err != nil {
