@@ -26,7 +26,9 @@ import (
 // replays its outcome to the retries.
 //
 // Attempts are retried on Unavailable, on a timeout of
-// [WithPerAttemptTimeout], and on Aborted with reason [ReasonInProgress]
+// [WithPerAttemptTimeout] (only when that timer's deadline has passed: a
+// DeadlineExceeded the handler returns before it is its answer, not a
+// timeout), and on Aborted with reason [ReasonInProgress]
 // (after at least the server's google.rpc.RetryInfo delay), with exponential
 // backoff and full jitter ([WithBackoff]), up to [WithMaxAttempts] attempts.
 // The caller's context bounds the whole loop: when it is done, or when the
@@ -184,17 +186,23 @@ func (o *clientOptions) invokeWithRetry(ctx context.Context, method string, req,
 
 		actx, cancel := ctx, context.CancelFunc(func() {})
 		perAttemptBound := false // the attempt's deadline is ours, not the caller's
+		var dl time.Time
 		if o.perAttempt > 0 {
-			dl := time.Now().Add(o.perAttempt)
+			dl = time.Now().Add(o.perAttempt)
 			parent, ok := ctx.Deadline()
 			perAttemptBound = !ok || dl.Before(parent)
 			actx, cancel = context.WithDeadline(ctx, dl)
 		}
 		err := invoker(actx, method, req, reply, cc, attemptOpts...)
-		// The server may see the propagated deadline pass, and reset the
-		// stream, a moment before our own timer fires.
+		// Only our own timer makes an attempt "timed out". The server's
+		// deadline is the one we sent, never earlier than ours, so its
+		// DEADLINE_EXCEEDED arrives at or after dl; the attempt context's
+		// Err may lag dl by a scheduling delay, hence the clock check. A
+		// DEADLINE_EXCEEDED before dl came from the handler itself (say, a
+		// downstream timeout): retrying it would run the handler again.
 		attemptTimedOut := perAttemptBound && ctx.Err() == nil &&
-			(errors.Is(actx.Err(), context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded)
+			(errors.Is(actx.Err(), context.DeadlineExceeded) ||
+				status.Code(err) == codes.DeadlineExceeded && !time.Now().Before(dl))
 		cancel()
 
 		res.Attempts = attempt

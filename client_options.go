@@ -102,10 +102,13 @@ func WithBackoff(base, maxDelay time.Duration) ClientOption {
 }
 
 // WithPerAttemptTimeout bounds each attempt by d, within the caller's own
-// deadline. An attempt that fails with DeadlineExceeded while bound by this
-// timeout (not by the caller's earlier deadline), and while the caller's
-// context is still live, is retried with the same key: the server then
-// replays the first execution, or answers "in progress" while it still runs.
+// deadline. An attempt cut off by this timeout (its deadline has passed, it
+// was not the caller's earlier deadline, and the caller's context is still
+// live) is retried with the same key: the server then replays the first
+// execution, or answers "in progress" while it still runs. A
+// DeadlineExceeded that arrives before the attempt's deadline is the
+// server's answer (a handler whose own downstream timed out), and is not
+// retried unless listed in [WithRetryCodes].
 // The default, 0, sets no per-attempt timeout; each attempt then runs until
 // the caller's deadline.
 func WithPerAttemptTimeout(d time.Duration) ClientOption {

@@ -502,15 +502,24 @@ func TestClientPerAttemptTimeout(t *testing.T) {
 }
 
 // TestClientServerReportsAttemptDeadline verifies that DeadlineExceeded
-// reported by the server for an attempt bound by the per-attempt timeout is
+// reported by the server once the per-attempt deadline has passed is
 // retried even if the client's timer has not fired yet, while one bound by
 // the caller's earlier deadline is not.
 func TestClientServerReportsAttemptDeadline(t *testing.T) {
 	testCtx := clientTestContext(t)
 	deadline := status.Error(codes.DeadlineExceeded, "stream terminated by RST_STREAM with error code: CANCEL")
 	t.Run("per-attempt bound", func(t *testing.T) {
-		f := &clientFake{result: clientFailN(1, deadline)}
-		info, err := clientCall(testCtx, f, clientTestDo, WithPerAttemptTimeout(time.Second), clientNoWait())
+		f := &clientFake{result: func(ctx context.Context, n int) error {
+			if n == 1 {
+				// The server's answer arrives at our deadline, possibly
+				// before our own timer has canceled the attempt.
+				dl, _ := ctx.Deadline()
+				time.Sleep(time.Until(dl))
+				return deadline
+			}
+			return nil
+		}}
+		info, err := clientCall(testCtx, f, clientTestDo, WithPerAttemptTimeout(50*time.Millisecond), clientNoWait())
 		if err != nil || info.Attempts != 2 {
 			t.Errorf("got %v after %d attempts, want success after 2", err, info.Attempts)
 		}
@@ -524,6 +533,48 @@ func TestClientServerReportsAttemptDeadline(t *testing.T) {
 			t.Errorf("got %v after %d attempts, want DeadlineExceeded after 1", err, info.Attempts)
 		}
 	})
+}
+
+// TestClientHandlerDeadlineNotRetried verifies that a DeadlineExceeded the
+// server returns well before the per-attempt deadline (the handler's own
+// answer, say a downstream timeout) is returned after one attempt, not
+// retried; listed in WithRetryCodes, it is retried as any listed code.
+func TestClientHandlerDeadlineNotRetried(t *testing.T) {
+	ctx := clientTestContext(t)
+	handlerDeadline := status.Error(codes.DeadlineExceeded, "upstream timed out")
+	f := &clientFake{result: clientFailN(1, handlerDeadline)}
+	info, err := clientCall(ctx, f, clientTestDo, WithPerAttemptTimeout(10*time.Second), clientNoWait())
+	if status.Code(err) != codes.DeadlineExceeded || info.Attempts != 1 || len(f.attempts()) != 1 {
+		t.Fatalf("got %v after %d attempts, want the handler's DeadlineExceeded after 1", err, info.Attempts)
+	}
+	f = &clientFake{result: clientFailN(1, handlerDeadline)}
+	info, err = clientCall(ctx, f, clientTestDo, WithPerAttemptTimeout(10*time.Second), WithRetryCodes(codes.DeadlineExceeded), clientNoWait())
+	if err != nil || info.Attempts != 2 {
+		t.Fatalf("with WithRetryCodes(DeadlineExceeded): got %v after %d attempts, want success after 2", err, info.Attempts)
+	}
+}
+
+// TestClientE2EHandlerDeadlineRunsOnce verifies end to end that a handler
+// returning DeadlineExceeded itself runs once: the client, with a
+// per-attempt timeout and five attempts, does not retry the handler's
+// answer (the server releases the key for it, so each retry would run the
+// handler again).
+func TestClientE2EHandlerDeadlineRunsOnce(t *testing.T) {
+	var runs atomic.Int64
+	svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		runs.Add(1)
+		return nil, status.Error(codes.DeadlineExceeded, "upstream timed out")
+	}}
+	lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(UnaryServerInterceptor(NewMemoryStore())))
+	client := dialTestService(t, lis, clientInterceptorDial(WithPerAttemptTimeout(5*time.Second), WithMaxAttempts(5), clientNoWait()))
+	var info CallInfo
+	_, err := client.Do(clientTestContext(t), &testingv1.DoRequest{Id: "x"}, CallResult(&info))
+	if status.Code(err) != codes.DeadlineExceeded || info.Attempts != 1 {
+		t.Fatalf("got %v after %d attempts, want the handler's DeadlineExceeded after 1", err, info.Attempts)
+	}
+	if n := runs.Load(); n != 1 {
+		t.Fatalf("handler ran %d times, want 1", n)
+	}
 }
 
 // TestClientMethodCoverage verifies the default method selection from the
