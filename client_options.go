@@ -16,9 +16,9 @@ type ClientOption func(*clientOptions)
 // Defaults of the client interceptor, documented on the options that change
 // them.
 const (
-	defaultClientMaxAttempts = 5
-	defaultClientBackoffBase = 100 * time.Millisecond
-	defaultClientBackoffMax  = 2 * time.Second
+	DefaultClientMaxAttempts = 5
+	DefaultClientBackoffBase = 100 * time.Millisecond
+	DefaultClientBackoffMax  = 2 * time.Second
 )
 
 type clientOptions struct {
@@ -38,9 +38,9 @@ type clientOptions struct {
 func evaluateClientOptions(opts []ClientOption) *clientOptions {
 	o := &clientOptions{
 		header:      DefaultKeyHeader,
-		maxAttempts: defaultClientMaxAttempts,
-		backoffBase: defaultClientBackoffBase,
-		backoffMax:  defaultClientBackoffMax,
+		maxAttempts: DefaultClientMaxAttempts,
+		backoffBase: DefaultClientBackoffBase,
+		backoffMax:  DefaultClientBackoffMax,
 		covers:      clientDefaultCovers,
 		generateKey: NewKey,
 		jitter:      clientFullJitter,
@@ -56,23 +56,24 @@ func evaluateClientOptions(opts []ClientOption) *clientOptions {
 
 // WithClientKeyHeader sets the request metadata key that carries the
 // idempotency key. It must match the server's [WithKeyHeader]. The name is
-// lower-cased, as gRPC requires. The default is [DefaultKeyHeader]; an empty
-// name keeps the default.
+// lower-cased, as gRPC requires. The default is [DefaultKeyHeader]. Panics
+// on the names [WithKeyHeader] refuses, the empty name included: keeping the
+// default silently would make the two sides disagree.
 func WithClientKeyHeader(name string) ClientOption {
-	return func(o *clientOptions) {
-		if name != "" {
-			o.header = strings.ToLower(name)
-		}
-	}
+	name = strings.ToLower(name)
+	checkHeaderName("WithClientKeyHeader", name)
+	return func(o *clientOptions) { o.header = name }
 }
 
 // WithMaxAttempts sets how many times a call is attempted in all, the first
-// attempt included, before the last error is returned. The default is 5;
-// values below 1 mean 1 (no retries), as does [WithoutRetries].
+// attempt included, before the last error is returned. The default is
+// [DefaultClientMaxAttempts] (5); 1 means no retries, as does
+// [WithoutRetries]. Panics if n is below 1.
 func WithMaxAttempts(n int) ClientOption {
-	return func(o *clientOptions) {
-		o.maxAttempts = max(n, 1)
+	if n < 1 {
+		badOption("WithMaxAttempts", n, "at least one attempt is needed")
 	}
+	return func(o *clientOptions) { o.maxAttempts = n }
 }
 
 // WithoutRetries makes the interceptor attempt every call once: it still
@@ -86,19 +87,18 @@ func WithoutRetries() ClientOption {
 // WithBackoff sets the exponential backoff between attempts: before retry n
 // (n = 1, 2, ...) the interceptor waits a uniformly random time between 0 and
 // min(maxDelay, base·2^(n-1)) ("full jitter"), but never less than a delay the
-// server asked for with google.rpc.RetryInfo. The defaults are 100ms and 2s.
-// A negative value leaves that bound unchanged; base 0 retries at once unless
-// the server asked for a delay. maxDelay below base is raised to base.
+// server asked for with google.rpc.RetryInfo. The defaults are
+// [DefaultClientBackoffBase] (100ms) and [DefaultClientBackoffMax] (2s).
+// base 0 retries at once unless the server asked for a delay. Panics if
+// either is negative or maxDelay is below base.
 func WithBackoff(base, maxDelay time.Duration) ClientOption {
-	return func(o *clientOptions) {
-		if base >= 0 {
-			o.backoffBase = base
-		}
-		if maxDelay >= 0 {
-			o.backoffMax = maxDelay
-		}
-		o.backoffMax = max(o.backoffMax, o.backoffBase)
+	if base < 0 {
+		badOption("WithBackoff", base, "the base delay must not be negative")
 	}
+	if maxDelay < base {
+		badOption("WithBackoff", maxDelay, "the maximum delay must not be below the base ("+base.String()+")")
+	}
+	return func(o *clientOptions) { o.backoffBase, o.backoffMax = base, maxDelay }
 }
 
 // WithPerAttemptTimeout bounds each attempt by d, within the caller's own
@@ -110,11 +110,12 @@ func WithBackoff(base, maxDelay time.Duration) ClientOption {
 // server's answer (a handler whose own downstream timed out), and is not
 // retried unless listed in [WithRetryCodes].
 // The default, 0, sets no per-attempt timeout; each attempt then runs until
-// the caller's deadline.
+// the caller's deadline. Panics if d is negative.
 func WithPerAttemptTimeout(d time.Duration) ClientOption {
-	return func(o *clientOptions) {
-		o.perAttempt = max(d, 0)
+	if d < 0 {
+		badOption("WithPerAttemptTimeout", d, "the timeout must not be negative (0 means none)")
 	}
+	return func(o *clientOptions) { o.perAttempt = d }
 }
 
 // WithRetryCodes adds status codes to those the interceptor retries. By
@@ -124,8 +125,13 @@ func WithPerAttemptTimeout(d time.Duration) ClientOption {
 // [ReasonKeyInvalid], [ReasonKeyReused], and the other reasons except
 // [ReasonInProgress] and [ReasonStoreUnavailable]) are never retried, whatever
 // their code: the same key would get the same answer. A call whose own context
-// is done is never retried.
+// is done is never retried. Panics on OK or a code gRPC does not define.
 func WithRetryCodes(c ...codes.Code) ClientOption {
+	for _, k := range c {
+		if k == codes.OK || k > codes.Unauthenticated {
+			badOption("WithRetryCodes", k, "only error codes can be retried")
+		}
+	}
 	return func(o *clientOptions) {
 		if len(c) == 0 {
 			return
@@ -148,27 +154,25 @@ func WithRetryCodes(c ...codes.Code) ClientOption {
 // NO_SIDE_EFFECTS or IDEMPOTENT and does not set the key_required option (see
 // proto/idempotency/v1); methods with no registered descriptor are covered. A
 // call whose context carries a key from [WithKey] is covered whatever covers
-// says. Methods not covered pass through untouched, with one attempt. A nil
-// covers keeps the default.
+// says. Methods not covered pass through untouched, with one attempt.
+// Panics if covers is nil.
 func WithClientMethods(covers func(fullMethod string) bool) ClientOption {
-	return func(o *clientOptions) {
-		if covers != nil {
-			o.covers = covers
-		}
+	if covers == nil {
+		badOption("WithClientMethods", "nil", "the function must not be nil")
 	}
+	return func(o *clientOptions) { o.covers = covers }
 }
 
 // WithKeyGenerator replaces the generator of keys for calls that bring no key
 // of their own. It is called once per logical call, never per attempt, and
 // must return a key that passes [ValidateKey] and is unique across calls, or
 // an error, which fails the call with code Internal before anything is sent.
-// The default is [NewKey]. A nil gen keeps the default.
+// The default is [NewKey]. Panics if gen is nil.
 func WithKeyGenerator(gen func() (string, error)) ClientOption {
-	return func(o *clientOptions) {
-		if gen != nil {
-			o.generateKey = gen
-		}
+	if gen == nil {
+		badOption("WithKeyGenerator", "nil", "the generator must not be nil")
 	}
+	return func(o *clientOptions) { o.generateKey = gen }
 }
 
 func clientFullJitter(upTo time.Duration) time.Duration {

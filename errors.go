@@ -3,6 +3,7 @@ package idempotency
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -141,4 +142,31 @@ func errKeyRequired(method, header string) error {
 func errKeyInvalid(method, header string, cause error) error {
 	return newStatus(codes.InvalidArgument, ReasonKeyInvalid,
 		map[string]string{"method": method, "header": header}, strings.TrimPrefix(cause.Error(), "idempotency: "))
+}
+
+// badOption panics with the message every option constructor uses for a
+// value it refuses: the option, the value, and why. An option that cannot be
+// honoured is a programming error found at startup, never a silent default.
+func badOption(option string, value any, why string) {
+	panic(fmt.Sprintf("idempotency: %s(%v): %s", option, value, why))
+}
+
+// checkHeaderName refuses a metadata key that cannot carry a key: empty, a
+// character gRPC does not allow in a key, the reserved "grpc-" prefix, or a
+// binary ("-bin") key. name is already lower-cased.
+func checkHeaderName(option, name string) {
+	if name == "" {
+		badOption(option, `""`, "the header name must not be empty: every call would look keyless and pass through unprotected")
+	}
+	for i := 0; i < len(name); i++ {
+		if c := name[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			badOption(option, strconv.Quote(name), "a gRPC metadata key may hold only 0-9 a-z - _ .")
+		}
+	}
+	if strings.HasPrefix(name, "grpc-") {
+		badOption(option, strconv.Quote(name), `the "grpc-" prefix is reserved by gRPC`)
+	}
+	if strings.HasSuffix(name, "-bin") {
+		badOption(option, strconv.Quote(name), `a "-bin" key carries binary values; the idempotency key is text`)
+	}
 }

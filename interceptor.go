@@ -43,7 +43,12 @@ import (
 // [KeyPolicy]). Store failures fail closed (Unavailable, STORE_UNAVAILABLE).
 // Every error the interceptor produces carries a google.rpc.ErrorInfo with
 // domain [ErrorDomain].
+//
+// Panics if store is nil.
 func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
+	if store == nil {
+		badOption("UnaryServerInterceptor", "nil", "a Store is required")
+	}
 	s := &server{store: store, o: evaluateOptions(opts)}
 	s.policies.override = s.o.policy
 	if s.o.localCacheSize > 0 {

@@ -2,8 +2,8 @@ package idempotency
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
+	"strconv"
 	"strings"
 	"time"
 
@@ -20,6 +20,7 @@ const (
 	DefaultRetryDelay      = time.Second
 	DefaultMaxRecordSize   = 1 << 20
 	DefaultCompleteTimeout = 5 * time.Second
+	DefaultPollInterval    = 50 * time.Millisecond
 )
 
 // KeyPolicy says how the server interceptor treats a method.
@@ -85,7 +86,7 @@ func evaluateOptions(opts []Option) *options {
 		ttl:             DefaultTTL,
 		lease:           DefaultLease,
 		retryDelay:      DefaultRetryDelay,
-		pollInterval:    50 * time.Millisecond,
+		pollInterval:    DefaultPollInterval,
 		maxRecordSize:   DefaultMaxRecordSize,
 		completeTimeout: DefaultCompleteTimeout,
 		fingerprint:     DefaultFingerprint,
@@ -97,15 +98,18 @@ func evaluateOptions(opts []Option) *options {
 			opt(o)
 		}
 	}
-	o.keyHeader = strings.ToLower(o.keyHeader)
 	o.binHeader = o.keyHeader + "-bin"
 	return o
 }
 
 // WithKeyHeader sets the request metadata key that carries the idempotency
 // key; it is lower-cased, as gRPC requires. Default [DefaultKeyHeader]
-// ("idempotency-key").
+// ("idempotency-key"). Panics if name is empty (every call would look
+// keyless and pass through unprotected), holds a character gRPC does not
+// allow in a metadata key, starts with "grpc-" or ends with "-bin".
 func WithKeyHeader(name string) Option {
+	name = strings.ToLower(name)
+	checkHeaderName("WithKeyHeader", name)
 	return func(o *options) { o.keyHeader = name }
 }
 
@@ -113,8 +117,12 @@ func WithKeyHeader(name string) Option {
 // instead of the metadata, for APIs that follow Google AIP-155 and carry a
 // `request_id` field. field is the protobuf field name. A request without the
 // field, or with it empty, counts as a call without a key; the metadata is
-// not consulted. Default: unset (the key comes from the metadata).
+// not consulted. Default: unset (the key comes from the metadata). Panics
+// if field is empty.
 func WithKeyField(field string) Option {
+	if field == "" {
+		badOption("WithKeyField", `""`, "the field name must not be empty")
+	}
 	return func(o *options) { o.keyField = field }
 }
 
@@ -124,7 +132,7 @@ func WithKeyField(field string) Option {
 // milliseconds, and a zero expiry would delete the record at once).
 func WithTTL(d time.Duration) Option {
 	if d < time.Millisecond {
-		panic(fmt.Sprintf("idempotency: WithTTL(%v): the TTL must be at least 1ms", d))
+		badOption("WithTTL", d, "the TTL must be at least 1ms")
 	}
 	return func(o *options) { o.ttl = d }
 }
@@ -139,15 +147,19 @@ func WithTTL(d time.Duration) Option {
 // let every concurrent duplicate run.
 func WithLease(d time.Duration) Option {
 	if d < time.Millisecond {
-		panic(fmt.Sprintf("idempotency: WithLease(%v): the lease must be at least 1ms", d))
+		badOption("WithLease", d, "the lease must be at least 1ms")
 	}
 	return func(o *options) { o.lease = d }
 }
 
 // WithRetryDelay sets the google.rpc.RetryInfo delay sent with the Aborted
 // (KEY_IN_PROGRESS) answer to a repeat that arrives while the first call is
-// still running. Default [DefaultRetryDelay] (1s).
+// still running. Default [DefaultRetryDelay] (1s); 0 asks for an immediate
+// retry. Panics if d is negative.
 func WithRetryDelay(d time.Duration) Option {
+	if d < 0 {
+		badOption("WithRetryDelay", d, "the delay must not be negative")
+	}
 	return func(o *options) { o.retryDelay = d }
 }
 
@@ -156,13 +168,17 @@ func WithRetryDelay(d time.Duration) Option {
 // with the replay, instead of failing at once with Aborted. The wait is
 // bounded by the caller's deadline; if the first call releases the key (a
 // transient error, a panic, an expired lease) the waiter claims it and runs
-// the handler itself. Default: off (answer Aborted at once).
+// the handler itself. The poll interval doubles up to 16 times its value
+// while the wait lasts. Default: off (answer Aborted at once); a typical
+// pollInterval is [DefaultPollInterval]. Panics if pollInterval is not
+// positive.
 func WithWaitForInProgress(pollInterval time.Duration) Option {
+	if pollInterval <= 0 {
+		badOption("WithWaitForInProgress", pollInterval, "the poll interval must be positive")
+	}
 	return func(o *options) {
 		o.waitInProgress = true
-		if pollInterval > 0 {
-			o.pollInterval = pollInterval
-		}
+		o.pollInterval = pollInterval
 	}
 }
 
@@ -186,25 +202,23 @@ func WithFailOpen() Option {
 // record: response, status, metadata). A larger outcome is recorded as too
 // large: the caller gets its response, and repeats get AlreadyExists (reason
 // RESPONSE_TOO_LARGE) rather than a second execution. Default
-// [DefaultMaxRecordSize] (1 MiB).
+// [DefaultMaxRecordSize] (1 MiB). Panics if n is not positive.
 func WithMaxRecordSize(n int) Option {
-	return func(o *options) {
-		if n > 0 {
-			o.maxRecordSize = n
-		}
+	if n <= 0 {
+		badOption("WithMaxRecordSize", n, "the size must be positive")
 	}
+	return func(o *options) { o.maxRecordSize = n }
 }
 
 // WithCompleteTimeout bounds the write of the outcome (or the release of the
 // key) after the handler returns. That write does not use the request's
 // context, so a client that goes away does not lose the outcome. Default
-// [DefaultCompleteTimeout] (5s).
+// [DefaultCompleteTimeout] (5s). Panics if d is not positive.
 func WithCompleteTimeout(d time.Duration) Option {
-	return func(o *options) {
-		if d > 0 {
-			o.completeTimeout = d
-		}
+	if d <= 0 {
+		badOption("WithCompleteTimeout", d, "the timeout must be positive")
 	}
+	return func(o *options) { o.completeTimeout = d }
 }
 
 // WithScope scopes keys to the caller, typically the authenticated principal
@@ -213,57 +227,75 @@ func WithCompleteTimeout(d time.Duration) Option {
 // another's stored response. A multi-tenant server must set it. An error
 // that is a gRPC status is returned to the caller as is; any other error
 // becomes Internal (reason SCOPE_FAILED). The handler is not run in either
-// case. Default: no scope (keys are scoped by method only).
+// case. Default: no scope (keys are scoped by method only). Panics if scope
+// is nil.
 func WithScope(scope func(ctx context.Context) (string, error)) Option {
+	if scope == nil {
+		badOption("WithScope", "nil", "the scope function must not be nil; omit the option for no scope")
+	}
 	return func(o *options) { o.scope = scope }
 }
 
 // WithFingerprint replaces the request fingerprint that binds a key to one
 // request. Default [DefaultFingerprint] (SHA-256 of the deterministic
-// protobuf encoding).
+// protobuf encoding). Panics if f is nil.
 func WithFingerprint(f FingerprintFunc) Option {
-	return func(o *options) {
-		if f != nil {
-			o.fingerprint = f
-		}
+	if f == nil {
+		badOption("WithFingerprint", "nil", "the fingerprint function must not be nil")
 	}
+	return func(o *options) { o.fingerprint = f }
 }
 
 // WithStoredCodes sets which outcomes are stored and replayed. An outcome
 // whose code is not stored releases the key, so a retry runs the handler
-// again. Default [DefaultStoredCode].
+// again. Default [DefaultStoredCode]. Panics if stored is nil.
 func WithStoredCodes(stored func(codes.Code) bool) Option {
-	return func(o *options) {
-		if stored != nil {
-			o.storeOutcome = stored
-		}
+	if stored == nil {
+		badOption("WithStoredCodes", "nil", "the function must not be nil")
 	}
+	return func(o *options) { o.storeOutcome = stored }
 }
 
 // WithKeyPolicy decides per method whether a key is required, optional or
 // ignored. It receives the full method name and the policy declared in the
 // method's protobuf descriptor (see [KeyPolicy]); it returns the policy to
-// apply. Default: the declared policy.
+// apply. Default: the declared policy. Panics if policy is nil.
 func WithKeyPolicy(policy func(fullMethod string, declared KeyPolicy) KeyPolicy) Option {
+	if policy == nil {
+		badOption("WithKeyPolicy", "nil", "the policy function must not be nil")
+	}
 	return func(o *options) { o.policy = policy }
 }
 
 // WithRequiredKey makes the named methods (full names, "/pkg.Service/Method")
 // require a key, whatever their descriptor declares. It composes with
-// [WithKeyPolicy] set before it.
+// [WithKeyPolicy] set before it. Panics on a name that is not of that form.
 func WithRequiredKey(fullMethods ...string) Option {
-	return withMethodPolicy(KeyRequired, fullMethods)
+	return withMethodPolicy("WithRequiredKey", KeyRequired, fullMethods)
 }
 
 // WithIgnoredMethods makes the interceptor pass the named methods (full
-// names) straight through, key or not.
+// names) straight through, key or not. Panics on a name that is not of the
+// form "/pkg.Service/Method".
 func WithIgnoredMethods(fullMethods ...string) Option {
-	return withMethodPolicy(KeyIgnored, fullMethods)
+	return withMethodPolicy("WithIgnoredMethods", KeyIgnored, fullMethods)
 }
 
-func withMethodPolicy(p KeyPolicy, fullMethods []string) Option {
+// validFullMethod reports whether m looks like "/pkg.Service/Method".
+func validFullMethod(m string) bool {
+	if !strings.HasPrefix(m, "/") {
+		return false
+	}
+	svc, meth, ok := strings.Cut(m[1:], "/")
+	return ok && svc != "" && meth != "" && !strings.Contains(meth, "/")
+}
+
+func withMethodPolicy(option string, p KeyPolicy, fullMethods []string) Option {
 	set := make(map[string]bool, len(fullMethods))
 	for _, m := range fullMethods {
+		if !validFullMethod(m) {
+			badOption(option, strconv.Quote(m), `a full method name looks like "/pkg.Service/Method"`)
+		}
 		set[m] = true
 	}
 	return func(o *options) {
@@ -282,14 +314,15 @@ func withMethodPolicy(p KeyPolicy, fullMethods []string) Option {
 
 // WithLogger logs, at Warn level, the events an operator must see: a lost
 // lease, an outcome that could not be stored, a fail-open pass-through.
-// Keys are logged only as a short hash. Default: no logging.
+// Keys are logged only as a short hash. Default: no logging; nil keeps it
+// off.
 func WithLogger(l *slog.Logger) Option {
 	return func(o *options) { o.logger = l }
 }
 
 // WithObserver calls observe once for every call the interceptor handles,
 // with the [Event] describing its outcome. observe runs on the request path
-// and must not block. Default: none.
+// and must not block. Default: none; nil means none.
 func WithObserver(observe func(ctx context.Context, e Event)) Option {
 	return func(o *options) { o.observer = observe }
 }
@@ -299,9 +332,18 @@ func WithObserver(observe func(ctx context.Context, e Event)) Option {
 // server is answered with no store round trip. The fingerprint and scope are
 // still checked. Completed records never change until their TTL ends, so the
 // cache is exact, with one exception: a record deleted from the store with
-// [Forget] may still be replayed from a server's cache for up to maxAge.
-// Default: off.
+// [Forget] may still be replayed from a server's cache for up to maxAge. An
+// entry lives no longer than the record's remaining TTL as the store
+// reported it to this server ([ClaimResult.TTL]), counted on this server's
+// clock, so servers with skewed clocks never replay an expired key.
+// Default: off. Panics if maxEntries or maxAge is not positive.
 func WithLocalCache(maxEntries int, maxAge time.Duration) Option {
+	if maxEntries <= 0 {
+		badOption("WithLocalCache", maxEntries, "maxEntries must be positive")
+	}
+	if maxAge <= 0 {
+		badOption("WithLocalCache", maxAge, "maxAge must be positive")
+	}
 	return func(o *options) {
 		o.localCacheSize, o.localCacheAge = maxEntries, maxAge
 	}
