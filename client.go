@@ -165,10 +165,10 @@ func (o *clientOptions) resolveKey(ctx context.Context, method string) (key stri
 	}
 	key, err = o.generateKey()
 	if err != nil {
-		return "", false, false, status.Errorf(codes.Internal, "idempotency: generating a key for %s: %v", method, err)
+		return "", false, false, errKeyGeneration(method, err)
 	}
 	if err := ValidateKey(key); err != nil {
-		return "", false, false, status.Errorf(codes.Internal, "idempotency: the key generator returned an invalid key for %s: %v", method, err)
+		return "", false, false, errKeyGeneration(method, fmt.Errorf("the generator returned an invalid key: %w", err))
 	}
 	return key, true, true, nil
 }
@@ -223,8 +223,7 @@ func (o *clientOptions) invokeWithRetry(ctx context.Context, method string, req,
 			return err
 		}
 		if serr := o.sleep(ctx, wait); serr != nil {
-			return status.Errorf(status.FromContextError(serr).Code(),
-				"idempotency: %v while waiting to retry %s after attempt %d, which failed: %v", serr, method, attempt, err)
+			return errRetryInterrupted(method, serr, attempt, err)
 		}
 	}
 }
@@ -238,7 +237,9 @@ func (o *clientOptions) retryable(err error, attemptTimedOut bool) (time.Duratio
 	}
 	delay, _ := RetryDelayOf(err)
 	switch ReasonOf(err) {
-	case "":
+	case "", ReasonCallEnded:
+		// No verdict on the key: the server's side of the attempt ended
+		// (its deadline, the one we sent, passed); judged by code below.
 	case ReasonInProgress:
 		return delay, true
 	case ReasonStoreUnavailable:

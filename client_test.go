@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -259,8 +260,8 @@ func TestClientKeyGenerator(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			f := &clientFake{}
 			_, err := clientCall(ctx, f, clientTestDo, WithKeyGenerator(gen))
-			if status.Code(err) != codes.Internal {
-				t.Errorf("got %v, want code Internal", err)
+			if status.Code(err) != codes.Internal || ReasonOf(err) != ReasonKeyGenerationFailed {
+				t.Errorf("got %v, want code Internal with reason %s", err, ReasonKeyGenerationFailed)
 			}
 			if n := len(f.attempts()); n != 0 {
 				t.Errorf("invoker called %d times, want 0", n)
@@ -433,8 +434,9 @@ func TestClientCancelDuringBackoff(t *testing.T) {
 	cancel()
 	select {
 	case r := <-done:
-		if status.Code(r.err) != codes.Canceled {
-			t.Errorf("got %v, want Canceled", r.err)
+		if status.Code(r.err) != codes.Canceled || ReasonOf(r.err) != ReasonRetryInterrupted ||
+			!strings.Contains(status.Convert(r.err).Message(), "down") {
+			t.Errorf("got %v, want Canceled with reason %s quoting the last attempt's error", r.err, ReasonRetryInterrupted)
 		}
 		if r.info.Attempts != 1 {
 			t.Errorf("attempts: got %d, want 1", r.info.Attempts)

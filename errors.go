@@ -58,6 +58,19 @@ const (
 	// ReasonInternal: the interceptor failed in a way that is not the
 	// caller's fault (e.g. a record could not be encoded). Code Internal.
 	ReasonInternal = "INTERNAL_ERROR"
+	// ReasonCallEnded: the caller's context ended (canceled, or its deadline
+	// passed) before the key could be claimed, or while the call waited for
+	// the first call with its key; the handler did not run. Code Canceled or
+	// DeadlineExceeded.
+	ReasonCallEnded = "CALL_ENDED"
+	// ReasonKeyGenerationFailed: the client interceptor's key generator
+	// ([WithKeyGenerator]) failed or returned an invalid key; nothing was
+	// sent. Code Internal.
+	ReasonKeyGenerationFailed = "KEY_GENERATION_FAILED"
+	// ReasonRetryInterrupted: the caller's context ended while the client
+	// interceptor waited to retry; the message quotes the last attempt's
+	// error. Code Canceled or DeadlineExceeded.
+	ReasonRetryInterrupted = "RETRY_INTERRUPTED"
 )
 
 // Sentinel errors of the package. Store implementations return
@@ -169,4 +182,69 @@ func checkHeaderName(option, name string) {
 	if strings.HasSuffix(name, "-bin") {
 		badOption(option, strconv.Quote(name), `a "-bin" key carries binary values; the idempotency key is text`)
 	}
+}
+
+func methodMeta(method string) map[string]string { return map[string]string{"method": method} }
+
+func errScopeFailed(method string) error {
+	return newStatus(codes.Internal, ReasonScopeFailed, methodMeta(method), "cannot determine the caller scope")
+}
+
+func errFingerprintFailed(method string) error {
+	return newStatus(codes.Internal, ReasonFingerprintFailed, methodMeta(method), "cannot fingerprint the request")
+}
+
+func errEncodeRecord(method string) error {
+	return newStatus(codes.Internal, ReasonInternal, methodMeta(method), "cannot encode the idempotency record")
+}
+
+func errStoreUnavailable(method string) error {
+	return newStatus(codes.Unavailable, ReasonStoreUnavailable, methodMeta(method),
+		"the idempotency store is unavailable; the call was not executed")
+}
+
+func errInProgress(method string, retryDelay time.Duration) error {
+	return newStatus(codes.Aborted, ReasonInProgress, methodMeta(method),
+		"a call with this idempotency key is still in progress; retry later", retryInfo(retryDelay))
+}
+
+func errKeyReused(method string) error {
+	return newStatus(codes.FailedPrecondition, ReasonKeyReused, methodMeta(method),
+		"the idempotency key was already used for a different request; use a new key for a new request")
+}
+
+func errTooLarge(method string, size int64) error {
+	return newStatus(codes.AlreadyExists, ReasonResponseTooLarge,
+		map[string]string{"method": method, "response_size": strconv.FormatInt(size, 10)},
+		fmt.Sprintf("the call with this idempotency key was executed, but its outcome (%d bytes) was too large to store and cannot be replayed", size))
+}
+
+// errAlreadyProcessed carries the stored outcome as a detail: the response
+// in an Any of its type, or the stored error as a google.rpc.Status.
+func errAlreadyProcessed(method string, outcome proto.Message) error {
+	return newStatus(codes.AlreadyExists, ReasonAlreadyProcessed, methodMeta(method),
+		"the call with this idempotency key was already processed; its outcome is attached", outcome)
+}
+
+func errCorrupt(method string) error {
+	return newStatus(codes.DataLoss, ReasonRecordCorrupt, methodMeta(method),
+		"the stored record for this idempotency key cannot be read; the call was not executed")
+}
+
+// errCallEnded is the answer when the caller's own context ended first: its
+// code is the context's (Canceled or DeadlineExceeded), as gRPC would give.
+func errCallEnded(method string, ctxErr error) error {
+	return newStatus(status.FromContextError(ctxErr).Code(), ReasonCallEnded, methodMeta(method),
+		"the call ended ("+ctxErr.Error()+") before the idempotency key could be handled; the handler did not run")
+}
+
+func errKeyGeneration(method string, cause error) error {
+	return newStatus(codes.Internal, ReasonKeyGenerationFailed, methodMeta(method),
+		"generating a key for "+method+": "+strings.TrimPrefix(cause.Error(), "idempotency: "))
+}
+
+func errRetryInterrupted(method string, ctxErr error, attempt int, last error) error {
+	return newStatus(status.FromContextError(ctxErr).Code(), ReasonRetryInterrupted,
+		map[string]string{"method": method, "attempts": strconv.Itoa(attempt)},
+		fmt.Sprintf("%v while waiting to retry %s after attempt %d, which failed: %v", ctxErr, method, attempt, last))
 }

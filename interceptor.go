@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
@@ -109,15 +108,14 @@ func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	if s.o.scope != nil {
 		if scope, err = s.o.scope(ctx); err != nil {
 			if _, ok := status.FromError(err); !ok {
-				err = newStatus(codes.Internal, ReasonScopeFailed, map[string]string{"method": c.method}, "cannot determine the caller scope")
+				err = errScopeFailed(c.method)
 			}
 			return nil, s.fail(ctx, c, OutcomeRejected, err, nil)
 		}
 	}
 	c.storeKey = StoreKey(c.method, scope, key)
 	if c.fp, err = s.o.fingerprint(c.method, req); err != nil {
-		return nil, s.fail(ctx, c, OutcomeRejected, newStatus(codes.Internal, ReasonFingerprintFailed,
-			map[string]string{"method": c.method}, "cannot fingerprint the request"), err)
+		return nil, s.fail(ctx, c, OutcomeRejected, errFingerprintFailed(c.method), err)
 	}
 	c.token = newToken()
 	if s.cache != nil {
@@ -137,7 +135,7 @@ func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 	select {
 	case <-f.done:
 	case <-ctx.Done():
-		return nil, s.fail(ctx, c, OutcomeInProgress, status.FromContextError(ctx.Err()).Err(), nil)
+		return nil, s.fail(ctx, c, OutcomeInProgress, errCallEnded(c.method, ctx.Err()), nil)
 	}
 	if f.final != nil {
 		c.ev.Local = true
@@ -159,7 +157,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 		LeaseToken:  c.token,
 	})
 	if err != nil {
-		return nil, s.fail(ctx, c, OutcomeRejected, newStatus(codes.Internal, ReasonInternal, map[string]string{"method": c.method}, "cannot encode the idempotency record"), err)
+		return nil, s.fail(ctx, c, OutcomeRejected, errEncodeRecord(c.method), err)
 	}
 	wait := s.o.pollInterval
 	for {
@@ -176,7 +174,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 				_ = s.store.Release(rctx, c.storeKey, c.token)
 			}()
 			if ctx.Err() != nil {
-				return nil, s.fail(ctx, c, OutcomeCanceled, status.FromContextError(ctx.Err()).Err(), err)
+				return nil, s.fail(ctx, c, OutcomeCanceled, errCallEnded(c.method, ctx.Err()), err)
 			}
 			if errors.Is(err, ErrCorruptRecord) {
 				return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
@@ -188,8 +186,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 				s.emit(ctx, c)
 				return resp, herr
 			}
-			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, newStatus(codes.Unavailable, ReasonStoreUnavailable,
-				map[string]string{"method": c.method}, "the idempotency store is unavailable; the call was not executed"), err)
+			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), err)
 		}
 		if res.Claimed {
 			return s.execute(ctx, c, req, handler)
@@ -219,15 +216,13 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			return nil, s.fail(ctx, c, OutcomeKeyReused, errKeyReused(c.method), nil)
 		}
 		if !s.o.waitInProgress {
-			return nil, s.fail(ctx, c, OutcomeInProgress, newStatus(codes.Aborted, ReasonInProgress,
-				map[string]string{"method": c.method},
-				"a call with this idempotency key is still in progress; retry later", retryInfo(s.o.retryDelay)), nil)
+			return nil, s.fail(ctx, c, OutcomeInProgress, errInProgress(c.method, s.o.retryDelay), nil)
 		}
 		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, s.fail(ctx, c, OutcomeInProgress, status.FromContextError(ctx.Err()).Err(), nil)
+			return nil, s.fail(ctx, c, OutcomeInProgress, errCallEnded(c.method, ctx.Err()), nil)
 		case <-t.C:
 		}
 		if wait < 16*s.o.pollInterval {
@@ -243,16 +238,9 @@ func (s *server) answer(ctx context.Context, c *call, rec *idempotencyv1.Record)
 	}
 	c.final = rec
 	if rec.GetState() == idempotencyv1.Record_STATE_TOO_LARGE {
-		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, newStatus(codes.AlreadyExists, ReasonResponseTooLarge,
-			map[string]string{"method": c.method, "response_size": strconv.FormatInt(rec.GetResponseSize(), 10)},
-			fmt.Sprintf("the call with this idempotency key was executed, but its outcome (%d bytes) was too large to store and cannot be replayed", rec.GetResponseSize())), nil)
+		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, errTooLarge(c.method, rec.GetResponseSize()), nil)
 	}
 	return s.replay(ctx, c, rec)
-}
-
-func errKeyReused(method string) error {
-	return newStatus(codes.FailedPrecondition, ReasonKeyReused, map[string]string{"method": method},
-		"the idempotency key was already used for a different request; use a new key for a new request")
 }
 
 // execute runs the handler as the key's owner and stores or releases its
@@ -438,9 +426,7 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 		if sp.Code == int32(codes.OK) {
 			detail = &anypb.Any{TypeUrl: "type.googleapis.com/" + rec.GetResponseType(), Value: rec.GetResponse()}
 		}
-		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, newStatus(codes.AlreadyExists, ReasonAlreadyProcessed,
-			map[string]string{"method": c.method},
-			"the call with this idempotency key was already processed; its outcome is attached", detail), nil)
+		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, errAlreadyProcessed(c.method, detail), nil)
 	}
 	var resp proto.Message
 	if sp.Code == int32(codes.OK) {
@@ -507,11 +493,6 @@ func (s *server) keySource() string {
 		return "request field " + s.o.keyField
 	}
 	return s.o.keyHeader
-}
-
-func errCorrupt(method string) error {
-	return newStatus(codes.DataLoss, ReasonRecordCorrupt, map[string]string{"method": method},
-		"the stored record for this idempotency key cannot be read; the call was not executed")
 }
 
 // newToken returns a random owner token for a claim: only the holder of the

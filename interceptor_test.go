@@ -736,3 +736,34 @@ func TestLostClaimReply(t *testing.T) {
 		}
 	})
 }
+
+// TestCallEndedCarriesErrorInfo verifies that when the caller's context ends
+// while its call waits for the first call with its key, the answer has the
+// context's code and an ErrorInfo (reason CALL_ENDED), like every error the
+// interceptor makes, and the handler does not run.
+func TestCallEndedCarriesErrorInfo(t *testing.T) {
+	store := NewMemoryStore()
+	sk := StoreKey(methodDo, "", "waiting")
+	fp, err := DefaultFingerprint(methodDo, &testingv1.DoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec, err := proto.Marshal(&idempotencyv1.Record{Version: recordVersion, State: idempotencyv1.Record_STATE_IN_PROGRESS,
+		Fingerprint: fp, Method: methodDo, LeaseToken: "someone-else"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res, err := store.Claim(testCtx(t), sk, "someone-else", rec, time.Minute); err != nil || !res.Claimed {
+		t.Fatalf("plant the running call: %+v, %v", res, err)
+	}
+	intercept := UnaryServerInterceptor(store, WithWaitForInProgress(time.Millisecond))
+	ctx, cancel := context.WithTimeout(metadata.NewIncomingContext(context.Background(), metadata.Pairs(DefaultKeyHeader, "waiting")), 50*time.Millisecond)
+	defer cancel()
+	ran := false
+	_, err = intercept(ctx, &testingv1.DoRequest{}, &grpc.UnaryServerInfo{FullMethod: methodDo},
+		func(context.Context, any) (any, error) { ran = true; return &testingv1.DoResponse{}, nil })
+	wantStatus(t, err, codes.DeadlineExceeded, ReasonCallEnded)
+	if ran {
+		t.Fatalf("the handler ran while the first call held the key")
+	}
+}
