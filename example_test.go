@@ -2,17 +2,21 @@ package idempotency_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log"
 	"net"
+	"strings"
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/idempotency-grpc/idempotency"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 )
 
@@ -35,7 +39,7 @@ func ExampleUnaryServerInterceptor() {
 		log.Fatal(err)
 	}
 	defer mr.Close()
-	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mr.Addr()}})
+	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mr.Addr()}, ContextTimeoutEnabled: true})
 	defer rdb.Close()
 
 	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
@@ -67,17 +71,121 @@ func ExampleUnaryServerInterceptor() {
 	// charges made: 1
 }
 
-// A multi-tenant server scopes keys by the authenticated caller, so one
-// tenant can never receive another's stored response.
+// serveExample serves a chargeServer behind interceptor on an in-memory
+// connection and returns its client and a stop function.
+func serveExample(svc *chargeServer, interceptor grpc.UnaryServerInterceptor) (testingv1.TestServiceClient, func()) {
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptor))
+	testingv1.RegisterTestServiceServer(srv, svc)
+	lis := bufconn.Listen(1 << 20)
+	go srv.Serve(lis)
+	conn, err := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		log.Fatal(err)
+	}
+	return testingv1.NewTestServiceClient(conn), func() { conn.Close(); srv.Stop() }
+}
+
+// A multi-tenant server scopes keys by the authenticated caller: two
+// tenants that happen to send the same key get two executions and their own
+// answers, and one can never receive the other's stored response.
 func ExampleWithScope() {
-	type principalKey struct{}
-	interceptor := idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(),
+	svc := &chargeServer{}
+	client, stop := serveExample(svc, idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(),
 		idempotency.WithScope(func(ctx context.Context) (string, error) {
-			user, _ := ctx.Value(principalKey{}).(string) // set by your auth interceptor
-			return user, nil
+			// Your authentication interceptor's principal; a header here.
+			md, _ := metadata.FromIncomingContext(ctx)
+			if t := md.Get("x-tenant"); len(t) == 1 {
+				return t[0], nil
+			}
+			return "", status.Error(codes.Unauthenticated, "no tenant")
 		}),
-	)
-	_ = grpc.NewServer(grpc.ChainUnaryInterceptor(interceptor))
-	fmt.Println("ok")
-	// Output: ok
+	))
+	defer stop()
+	for _, tenant := range []string{"acme", "globex", "acme"} {
+		ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "order-1", "x-tenant", tenant)
+		resp, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500})
+		fmt.Println(tenant, resp.GetChargeId(), err)
+	}
+	fmt.Println("charges made:", svc.charges)
+	// Output:
+	// acme ch_1_order-1 <nil>
+	// globex ch_2_order-1 <nil>
+	// acme ch_1_order-1 <nil>
+	// charges made: 2
+}
+
+// ReasonOf tells a client why the interceptor refused a call: here a key
+// reused for a different request.
+func ExampleReasonOf() {
+	client, stop := serveExample(&chargeServer{}, idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore()))
+	defer stop()
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "order-2")
+	_, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500})
+	fmt.Println("first:", err)
+	_, err = client.Charge(ctx, &testingv1.ChargeRequest{Amount: 900}) // same key, another amount
+	fmt.Println("second:", status.Code(err), idempotency.ReasonOf(err))
+	// Output:
+	// first: <nil>
+	// second: FailedPrecondition KEY_REUSED
+}
+
+// A Redis store: one hash per scoped key, under the prefix, named by a
+// fixed-length hash whatever the client sends. CheckConfig reports what the
+// guarantee depends on; miniredis, which has no CONFIG command, cannot be
+// checked.
+func ExampleNewRedisStore() {
+	mr := miniredis.NewMiniRedis()
+	if err := mr.Start(); err != nil {
+		log.Fatal(err)
+	}
+	defer mr.Close()
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
+	defer rdb.Close()
+	store := idempotency.NewRedisStore(rdb, idempotency.WithKeyPrefix("payments:"), idempotency.WithRedisLogger(nil))
+
+	client, stop := serveExample(&chargeServer{}, idempotency.UnaryServerInterceptor(store))
+	defer stop()
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "checkout/2026-11-24/cart-991/any-length-up-to-255-bytes")
+	if _, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500}); err != nil {
+		log.Fatal(err)
+	}
+	for _, k := range mr.Keys() {
+		fmt.Println(k[:len("payments:")], len(k)-len("payments:"), "hex digits;", "ttl:", mr.TTL(k))
+	}
+	for _, w := range store.CheckConfig(context.Background()) {
+		fmt.Println(strings.SplitN(w, " (", 2)[0])
+	}
+	// Output:
+	// payments: 64 hex digits; ttl: 24h0m0s
+	// could not check maxmemory-policy
+}
+
+// Lookup and Forget, for the support ticket "my charge is stuck": Lookup
+// shows the record (never the response), Forget deletes it, and the next
+// call with the key runs the handler again.
+func ExampleForget() {
+	store := idempotency.NewMemoryStore()
+	svc := &chargeServer{}
+	client, stop := serveExample(svc, idempotency.UnaryServerInterceptor(store))
+	defer stop()
+	const method = "/idempotency.testing.v1.TestService/Charge"
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "order-3")
+	if _, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500}); err != nil {
+		log.Fatal(err)
+	}
+	info, err := idempotency.Lookup(ctx, store, method, "", "order-3")
+	fmt.Println(info.State, info.Code, info.ResponseSize > 0, err)
+
+	fmt.Println("forget:", idempotency.Forget(ctx, store, method, "", "order-3"))
+	_, err = idempotency.Lookup(ctx, store, method, "", "order-3")
+	fmt.Println(errors.Is(err, idempotency.ErrNoRecord))
+	resp, _ := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500})
+	fmt.Println(resp.GetChargeId(), "charges made:", svc.charges)
+	// Output:
+	// completed OK true <nil>
+	// forget: <nil>
+	// true
+	// ch_2_order-3 charges made: 2
 }
