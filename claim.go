@@ -1,0 +1,104 @@
+// The first step of the protocol: claim the key, or learn what is stored
+// under it.
+
+package idempotency
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// claim claims the key and either executes the handler or answers from the
+// stored record. It loops only when waiting for a running first call.
+func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (any, error) {
+	var err error
+	c.inProgress, err = proto.Marshal(&idempotencyv1.Record{
+		Version:     recordVersion,
+		State:       idempotencyv1.Record_STATE_IN_PROGRESS,
+		Fingerprint: c.fp,
+		Method:      c.method,
+		CreateTime:  timestamppb.New(s.o.now()),
+		LeaseToken:  c.token,
+	})
+	if err != nil {
+		return nil, s.fail(ctx, c, OutcomeRejected, errEncodeRecord(c.method), err)
+	}
+	wait := s.o.pollInterval
+	for {
+		start, sent := time.Now(), s.o.now()
+		res, err := s.store.Claim(ctx, c.storeKey, c.token, c.inProgress, s.o.lease)
+		c.ev.StoreLatency += time.Since(start)
+		if err != nil {
+			// The claim may have been applied with its reply lost: free it
+			// in the background rather than leave it until its lease ends.
+			// The release is fenced by the token, so it frees nothing else.
+			go func() {
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
+				defer cancel()
+				_ = s.store.Release(rctx, c.storeKey, c.token)
+			}()
+			if ctx.Err() != nil {
+				return nil, s.fail(ctx, c, OutcomeCanceled, errCallEnded(c.method, ctx.Err()), err)
+			}
+			if errors.Is(err, ErrCorruptRecord) {
+				return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
+			}
+			if s.o.failOpen {
+				c.ev.Outcome, c.ev.Err = OutcomeFailOpen, err
+				resp, herr := handler(contextWithServerKey(guardMarker(ctx), c.key), req)
+				c.ev.Code = handlerStatus(herr).Code()
+				s.emit(ctx, c)
+				return resp, herr
+			}
+			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), err)
+		}
+		if res.Claimed {
+			return s.execute(ctx, c, req, handler)
+		}
+		rec, err := decodeRecord(res.Record)
+		if err == nil && rec.GetState() == idempotencyv1.Record_STATE_IN_PROGRESS && rec.GetLeaseToken() == c.token {
+			// Our own claim, applied by an earlier try of the same command
+			// whose reply was lost (a client-library retry).
+			return s.execute(ctx, c, req, handler)
+		}
+		if err == nil && rec.GetMethod() != c.method {
+			err = fmt.Errorf("%w: record of method %q", ErrCorruptRecord, rec.GetMethod())
+		}
+		if err != nil {
+			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
+		}
+		if rec.GetState() != idempotencyv1.Record_STATE_IN_PROGRESS {
+			if s.cache != nil && res.TTL > 0 && bytes.Equal(rec.GetFingerprint(), c.fp) {
+				// Kept no longer than the store said the record has left,
+				// counted from before the claim was sent: another server's
+				// clock never decides how long this one replays.
+				s.cache.put(c.storeKey, rec, sent, res.TTL)
+			}
+			return s.answer(ctx, c, rec)
+		}
+		if !bytes.Equal(rec.GetFingerprint(), c.fp) {
+			return nil, s.fail(ctx, c, OutcomeKeyReused, errKeyReused(c.method), nil)
+		}
+		if !s.o.waitInProgress {
+			return nil, s.fail(ctx, c, OutcomeInProgress, errInProgress(c.method, s.o.retryDelay), nil)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, s.fail(ctx, c, OutcomeInProgress, errCallEnded(c.method, ctx.Err()), nil)
+		case <-t.C:
+		}
+		if wait < 16*s.o.pollInterval {
+			wait *= 2
+		}
+	}
+}

@@ -1,0 +1,90 @@
+package idempotency
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"time"
+)
+
+// Store keeps one record per scoped idempotency key. It is the only state the
+// server interceptor has; every server sharing a store shares the
+// guarantee. Records are opaque bytes to the store; the interceptor encodes
+// and decodes them. Keys passed to a Store are fixed-length hashes (see
+// [StoreKey]), never the raw client key.
+//
+// Every method must be atomic with respect to the others on the same key.
+// Errors other than [ErrLeaseLost] mean the store failed; the interceptor
+// turns them into Unavailable (reason STORE_UNAVAILABLE) and does not run
+// the handler, except errors wrapping [ErrCorruptRecord] (the key holds
+// something that is not a record), which become DataLoss. A lease or TTL
+// below one millisecond is refused with an error, writing nothing: a store
+// must never turn it into "expire now".
+//
+// [RedisStore] and [MemoryStore] implement it.
+type Store interface {
+	// Claim atomically claims key for a new execution, or returns what is
+	// stored under it. When key holds no record, Claim stores record with
+	// owner token and the lease, and returns Claimed true. Otherwise it
+	// returns the stored record (in progress or completed) and its remaining
+	// time to live, with Claimed false, and changes nothing. The interceptor
+	// also calls Claim with the token it already holds, to take back a key
+	// whose lease ran out while nobody else claimed it; if token was fenced
+	// off by [AdminStore.Delete], Claim returns ErrLeaseLost instead.
+	Claim(ctx context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error)
+
+	// Renew extends the lease of an in-progress key owned by token. It
+	// returns ErrLeaseLost if token no longer owns key, including when the
+	// key is gone.
+	Renew(ctx context.Context, key, token string, lease time.Duration) error
+
+	// Complete replaces the in-progress record owned by token with the final
+	// record, kept for ttl, and ends token's ownership. If another token owns
+	// the key, or token was fenced off by [AdminStore.Delete], it writes
+	// nothing and returns ErrLeaseLost. If the key is gone (the lease expired
+	// and nobody claimed it since) it stores the record anyway, since no
+	// other execution can exist, and returns nil. Complete is idempotent for
+	// one token: repeating it after success (a retry whose first reply was
+	// lost) returns nil.
+	Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error
+
+	// Release deletes the in-progress record owned by token, so the next
+	// call with the key runs the handler. When the key is already gone it
+	// returns nil: nobody owns it, which is what a release wants, and a
+	// retried release whose first reply was lost must not look like a lost
+	// lease. It returns ErrLeaseLost, deleting nothing, if another token owns
+	// the key, the key holds a completed record, or token was fenced off.
+	Release(ctx context.Context, key, token string) error
+}
+
+// ClaimResult is the answer of [Store.Claim].
+type ClaimResult struct {
+	// Claimed is true when the caller now owns the key.
+	Claimed bool
+	// Record is the stored record when Claimed is false.
+	Record []byte
+	// TTL is the time Record has left to live, as the store measured it
+	// when it answered, or 0 when the store cannot tell. The local cache
+	// ([WithLocalCache]) keeps a record no longer than this, so it never
+	// outlives the store's copy whatever the servers' clocks say; a record
+	// of unknown TTL is not cached.
+	TTL time.Duration
+}
+
+// StoreKey returns the store key of an idempotency key: the hex SHA-256 of
+// the method, the scope and the client key, so its length
+// is bounded whatever the client sends, and two scopes or two methods never
+// share a record. Stores may prepend a namespace (see [WithKeyPrefix]).
+func StoreKey(fullMethod, scope, key string) string {
+	// Length-prefixed parts, so ("a", "bc") and ("ab", "c") differ. The buffer
+	// stays on the stack for the usual sizes.
+	var stack [512]byte
+	buf := stack[:0]
+	for _, part := range []string{fullMethod, scope, key} {
+		l := len(part)
+		buf = append(buf, byte(l>>24), byte(l>>16), byte(l>>8), byte(l))
+		buf = append(buf, part...)
+	}
+	sum := sha256.Sum256(buf)
+	return hex.EncodeToString(sum[:])
+}
