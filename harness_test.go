@@ -3,6 +3,8 @@ package idempotency
 import (
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -134,6 +136,11 @@ func (quietRedisLog) Printf(context.Context, string, ...any) {}
 
 func TestMain(m *testing.M) {
 	redis.SetLogger(quietRedisLog{})
+	// The Redis stores log configuration warnings (a client without
+	// ContextTimeoutEnabled, miniredis refusing CONFIG GET) through
+	// slog.Default; many tests build such stores on purpose. The tests of
+	// those warnings use their own logger.
+	slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	code := m.Run()
 	if sharedRedis != nil {
 		sharedRedis.Stop()

@@ -3,6 +3,7 @@ package idempotency
 import (
 	"bytes"
 	"context"
+	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -113,28 +114,36 @@ func TestStoreBoundsCallsWhenClientIgnoresDeadlines(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	var conns sync.WaitGroup
-	stop := make(chan struct{})
-	t.Cleanup(func() { close(stop); conns.Wait() })
+	// A Redis that accepts connections, reads everything and answers
+	// nothing.
+	var (
+		mu     sync.Mutex
+		conns  []net.Conn
+		closed bool
+	)
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		closed = true
+		for _, c := range conns {
+			c.Close()
+		}
+	})
 	go func() {
 		for {
 			conn, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			conns.Add(1)
-			go func() { // read everything, answer nothing
-				defer conns.Done()
-				defer conn.Close()
-				go func() { <-stop; conn.Close() }()
-				buf := make([]byte, 4096)
-				for {
-					if _, err := conn.Read(buf); err != nil {
-						return
-					}
-				}
-			}()
+			mu.Lock()
+			if closed {
+				conn.Close()
+			} else {
+				conns = append(conns, conn)
+			}
+			mu.Unlock()
+			go func() { _, _ = io.Copy(io.Discard, conn) }()
 		}
 	}()
 	c := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), ReadTimeout: time.Hour, WriteTimeout: time.Hour,
