@@ -21,7 +21,7 @@ func TestLookupAndForget(t *testing.T) {
 			t.Fatalf("%T does not implement AdminStore", b.store)
 		}
 		started, release := make(chan struct{}), make(chan struct{})
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			if n == 1 {
 				close(started)
 				<-release
@@ -91,7 +91,7 @@ func TestForgottenRecordIsNotWrittenBack(t *testing.T) {
 					return res, err
 				}
 				started, release := make(chan struct{}), make(chan struct{})
-				env := newTestEnv(t, store, envConfig{svc: &testService{do: blockingFirstRun(started, release)},
+				env := newTestEnv(t, store, envConfig{svc: &testService{OnDo: blockingFirstRun(started, release)},
 					opts: []Option{WithLease(tc.lease)}})
 				ctx := withKey(testCtx(t), "forgotten")
 				done := make(chan error, 1)

@@ -58,6 +58,7 @@ import (
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
@@ -232,8 +233,8 @@ func newBenchEnv(tb testing.TB, store Store, svc *testService, opts ...Option) *
 	if store != nil {
 		serverOpts = append(serverOpts, grpc.ChainUnaryInterceptor(UnaryServerInterceptor(store, opts...)))
 	}
-	lis := serveTestService(tb, svc, serverOpts...)
-	client := dialTestService(tb, lis, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20)))
+	lis := testservice.Serve(tb, svc, serverOpts...)
+	client := testservice.Dial(tb, lis, grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16<<20), grpc.MaxCallSendMsgSize(16<<20)))
 	env := &benchEnv{svc: svc, client: client}
 	// Connect and warm up outside the timer.
 	if _, err := env.client.Do(context.Background(), &testingv1.DoRequest{Id: "warm"}); err != nil {
@@ -259,7 +260,7 @@ func (env *benchEnv) call(req *testingv1.DoRequest, key string) func() error {
 // floorEnv is a server without the interceptor whose handler makes n
 // PINGs on r before answering: the floor of a check costing n round trips.
 func floorEnv(b *testing.B, r *benchRedis, n int) *benchEnv {
-	return newBenchEnv(b, nil, &testService{do: func(ctx context.Context, req *testingv1.DoRequest, x int64) (*testingv1.DoResponse, error) {
+	return newBenchEnv(b, nil, &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, x int64) (*testingv1.DoResponse, error) {
 		for i := 0; i < n; i++ {
 			if err := r.client.Ping(ctx).Err(); err != nil {
 				return nil, err
@@ -418,7 +419,7 @@ func BenchmarkUnary(b *testing.B) {
 					rt = r.rt
 				}
 				call := env.call(benchReq, replayKey)
-				runs0 := env.svc.runs.Load()
+				runs0 := env.svc.Runs.Load()
 				var claims0 int64
 				if counted != nil {
 					claims0 = counted.claims.Load()
@@ -502,7 +503,7 @@ func benchRedisBaselines(b *testing.B, name string) {
 // first-execution call, or ran for a replay.
 func checkRuns(b *testing.B, env *benchEnv, before int64, path string) {
 	b.Helper()
-	got := env.svc.runs.Load() - before
+	got := env.svc.Runs.Load() - before
 	want := int64(b.N)
 	if path != "first" {
 		want = 0
@@ -565,7 +566,7 @@ func BenchmarkUnaryParallel(b *testing.B) {
 				}
 				env := newBenchEnv(b, store, nil, benchOpts(path)...)
 				replayKey := warmUp(b, env, path)
-				runs0 := env.svc.runs.Load()
+				runs0 := env.svc.Runs.Load()
 				m := startMeter(b, rt)
 				runCallsParallel(b, env, benchReq, replayKey)
 				res := m.stop()
@@ -618,7 +619,7 @@ func BenchmarkLargeResponse(b *testing.B) {
 					}
 				}
 				call := env.call(req, replayKey)
-				runs0 := env.svc.runs.Load()
+				runs0 := env.svc.Runs.Load()
 				m := startMeter(b, nil)
 				runCalls(b, call)
 				res := m.stop()
@@ -675,7 +676,7 @@ func BenchmarkRecordMemory(b *testing.B) {
 			storeKey := func(key string) string { return r.prefix + StoreKey(methodDo, "", key) }
 			var inProgress atomic.Int64
 			var inProgressEnc atomic.Value
-			svc := &testService{do: func(hctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+			svc := &testService{OnDo: func(hctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 				if key, ok := KeyFromContext(hctx); ok { // not on the warm-up call
 					sk := storeKey(key)
 					u, err := r.client.MemoryUsage(ctx, sk, 0).Result()
@@ -767,7 +768,7 @@ func BenchmarkCoalescing(b *testing.B) {
 				if mode == "on" {
 					opts = append(opts, WithCoalescing())
 				}
-				svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+				svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 					time.Sleep(coalesceHandlerTime)
 					return &testingv1.DoResponse{Id: req.GetId(), Execution: n}, nil
 				}}
@@ -796,11 +797,11 @@ func BenchmarkCoalescing(b *testing.B) {
 					close(errs)
 					return <-errs
 				}
-				runs0, claims0 := env.svc.runs.Load(), counted.claims.Load()
+				runs0, claims0 := env.svc.Runs.Load(), counted.claims.Load()
 				m := startMeter(b, rt)
 				runCalls(b, burst)
 				res := m.stop()
-				if got := env.svc.runs.Load() - runs0; got != int64(b.N) {
+				if got := env.svc.Runs.Load() - runs0; got != int64(b.N) {
 					b.Fatalf("the handler ran %d times for %d bursts, want once per burst", got, b.N)
 				}
 				res.report(b, rt != nil)

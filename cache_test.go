@@ -40,7 +40,7 @@ func TestLocalCache(t *testing.T) {
 	}
 	_, err = env.client.Do(ctx, &testingv1.DoRequest{Id: "lc", Amount: 2})
 	wantStatus(t, err, codes.FailedPrecondition, ReasonKeyReused)
-	if n := env.svc.runs.Load(); n != 1 {
+	if n := env.svc.Runs.Load(); n != 1 {
 		t.Fatalf("executions = %d, want 1", n)
 	}
 
@@ -136,8 +136,8 @@ func TestLocalCacheBoundedByStoreTTL(t *testing.T) {
 			if err != nil {
 				t.Fatalf("a new request under the expired key: %v; want it executed", err)
 			}
-			if r.GetExecution() != 1 || bEnv.svc.runs.Load() != 1 {
-				t.Fatalf("B's executions = %d, want 1", bEnv.svc.runs.Load())
+			if r.GetExecution() != 1 || bEnv.svc.Runs.Load() != 1 {
+				t.Fatalf("B's executions = %d, want 1", bEnv.svc.Runs.Load())
 			}
 		})
 	}

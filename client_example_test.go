@@ -4,17 +4,15 @@ import (
 	"context"
 	"fmt"
 	"log"
-	"net"
 	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 )
 
@@ -59,16 +57,6 @@ func ExampleWithKey() {
 	// ch_1 key: order-8812 replayed: true
 }
 
-// clientExampleService charges a new id on every execution.
-type clientExampleService struct {
-	testingv1.UnimplementedTestServiceServer
-	charges atomic.Int64
-}
-
-func (s *clientExampleService) Charge(context.Context, *testingv1.ChargeRequest) (*testingv1.ChargeResponse, error) {
-	return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d", s.charges.Add(1))}, nil
-}
-
 // clientExampleLoseFirstAnswer returns a server interceptor that replaces
 // the first answer with Unavailable after the call has run.
 func clientExampleLoseFirstAnswer() grpc.UnaryServerInterceptor {
@@ -85,15 +73,10 @@ func clientExampleLoseFirstAnswer() grpc.UnaryServerInterceptor {
 // clientExampleServer starts an in-memory server with the idempotency server
 // interceptor innermost, and returns a client using the client interceptor.
 func clientExampleServer(outer ...grpc.UnaryServerInterceptor) (testingv1.TestServiceClient, func()) {
-	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
-		append(outer, idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore()))...))
-	testingv1.RegisterTestServiceServer(srv, &clientExampleService{})
-	go func() { _ = srv.Serve(lis) }()
-
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+	// The repository's test service: Charge answers "ch_<execution>".
+	client, stop, err := testservice.Start(&testservice.Service{},
+		[]grpc.ServerOption{grpc.ChainUnaryInterceptor(
+			append(outer, idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore()))...)},
 		// Outermost, so that every retry (its own, or another retry
 		// interceptor's placed after it) carries the same key.
 		grpc.WithChainUnaryInterceptor(idempotency.UnaryClientInterceptor(
@@ -104,8 +87,5 @@ func clientExampleServer(outer ...grpc.UnaryServerInterceptor) (testingv1.TestSe
 	if err != nil {
 		log.Fatal(err)
 	}
-	return testingv1.NewTestServiceClient(conn), func() {
-		_ = conn.Close()
-		srv.Stop()
-	}
+	return client, stop
 }

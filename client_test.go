@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 )
 
@@ -563,12 +564,12 @@ func TestClientHandlerDeadlineNotRetried(t *testing.T) {
 // handler again).
 func TestClientE2EHandlerDeadlineRunsOnce(t *testing.T) {
 	var runs atomic.Int64
-	svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+	svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 		runs.Add(1)
 		return nil, status.Error(codes.DeadlineExceeded, "upstream timed out")
 	}}
-	lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(UnaryServerInterceptor(NewMemoryStore())))
-	client := dialTestService(t, lis, clientInterceptorDial(WithPerAttemptTimeout(5*time.Second), WithMaxAttempts(5), clientNoWait()))
+	lis := testservice.Serve(t, svc, grpc.ChainUnaryInterceptor(UnaryServerInterceptor(NewMemoryStore())))
+	client := testservice.Dial(t, lis, clientInterceptorDial(WithPerAttemptTimeout(5*time.Second), WithMaxAttempts(5), clientNoWait()))
 	var info CallInfo
 	_, err := client.Do(clientTestContext(t), &testingv1.DoRequest{Id: "x"}, CallResult(&info))
 	if status.Code(err) != codes.DeadlineExceeded || info.Attempts != 1 {
@@ -741,8 +742,8 @@ func clientExecutionDone(done chan struct{}) grpc.UnaryServerInterceptor {
 // given dial options.
 func clientTestServer(t *testing.T, svc *clientTestService, interceptors []grpc.UnaryServerInterceptor, dialOpts ...grpc.DialOption) testingv1.TestServiceClient {
 	t.Helper()
-	lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(interceptors...))
-	return dialTestService(t, lis, dialOpts...)
+	lis := testservice.Serve(t, svc, grpc.ChainUnaryInterceptor(interceptors...))
+	return testservice.Dial(t, lis, dialOpts...)
 }
 
 func clientInterceptorDial(opts ...ClientOption) grpc.DialOption {

@@ -16,7 +16,7 @@ import (
 func TestCoalescing(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		release := make(chan struct{})
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			<-release
 			return &testingv1.DoResponse{Execution: n}, nil
 		}}
@@ -55,7 +55,7 @@ func TestCoalescing(t *testing.T) {
 		if c := store.claims.Load(); c != 1 {
 			t.Fatalf("store claims = %d, want 1", c)
 		}
-		if r := svc.runs.Load(); r != 1 {
+		if r := svc.Runs.Load(); r != 1 {
 			t.Fatalf("executions = %d, want 1", r)
 		}
 	})

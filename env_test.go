@@ -2,51 +2,24 @@ package idempotency
 
 import (
 	"context"
-	"fmt"
-	"net"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/proto"
 )
 
 const testTimeout = 30 * time.Second
 
-// testService implements the test service and counts handler executions.
-type testService struct {
-	testingv1.UnimplementedTestServiceServer
-
-	runs  atomic.Int64 // executions of Do and Charge
-	reads atomic.Int64
-	// do, when set, replaces Do's body; n is the execution number.
-	do func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error)
-}
-
-func (s *testService) Do(ctx context.Context, req *testingv1.DoRequest) (*testingv1.DoResponse, error) {
-	n := s.runs.Add(1)
-	if s.do != nil {
-		return s.do(ctx, req, n)
-	}
-	return &testingv1.DoResponse{Id: req.GetId(), Execution: n, Payload: req.GetPayload()}, nil
-}
-
-func (s *testService) Charge(ctx context.Context, req *testingv1.ChargeRequest) (*testingv1.ChargeResponse, error) {
-	n := s.runs.Add(1)
-	return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d", n)}, nil
-}
-
-func (s *testService) Read(ctx context.Context, req *testingv1.ReadRequest) (*testingv1.ReadResponse, error) {
-	s.reads.Add(1)
-	return &testingv1.ReadResponse{Id: req.GetId()}, nil
-}
+// testService is the repository's one test service (package
+// idempotencytest/testservice): it counts executions in Runs, and OnDo
+// replaces Do's body.
+type testService = testservice.Service
 
 // eventLog records the interceptor's events so tests can wait for one.
 type eventLog struct {
@@ -132,37 +105,9 @@ func newTestEnv(t *testing.T, store Store, cfg envConfig) *testEnv {
 	}
 	opts := append([]Option{WithObserver(env.events.observe)}, cfg.opts...)
 	chain := append(append([]grpc.UnaryServerInterceptor{}, cfg.outer...), UnaryServerInterceptor(store, opts...))
-	lis := serveTestService(t, env.svc, grpc.ChainUnaryInterceptor(chain...))
-	env.client = dialTestService(t, lis, grpc.WithDefaultCallOptions(grpc.ForceCodec(recordingCodec{env.wire})))
+	lis := testservice.Serve(t, env.svc, grpc.ChainUnaryInterceptor(chain...))
+	env.client = testservice.Dial(t, lis, grpc.WithDefaultCallOptions(grpc.ForceCodec(recordingCodec{env.wire})))
 	return env
-}
-
-// serveTestService serves svc on an in-memory listener, with the server
-// options given, until the test ends.
-func serveTestService(tb testing.TB, svc testingv1.TestServiceServer, opts ...grpc.ServerOption) *bufconn.Listener {
-	tb.Helper()
-	srv := grpc.NewServer(opts...)
-	testingv1.RegisterTestServiceServer(srv, svc)
-	lis := bufconn.Listen(1 << 20)
-	go func() { _ = srv.Serve(lis) }()
-	tb.Cleanup(srv.Stop)
-	return lis
-}
-
-// dialTestService returns a client of the test service on lis, with the dial
-// options given, closed when the test ends.
-func dialTestService(tb testing.TB, lis *bufconn.Listener, opts ...grpc.DialOption) testingv1.TestServiceClient {
-	tb.Helper()
-	opts = append([]grpc.DialOption{
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-	}, opts...)
-	conn, err := grpc.NewClient("passthrough:///bufnet", opts...)
-	if err != nil {
-		tb.Fatalf("dial: %v", err)
-	}
-	tb.Cleanup(func() { conn.Close() })
-	return testingv1.NewTestServiceClient(conn)
 }
 
 // wireLog keeps the raw bytes of received messages.

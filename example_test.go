@@ -5,30 +5,27 @@ import (
 	"errors"
 	"fmt"
 	"log"
-	"net"
 	"strings"
 
 	"github.com/alicebob/miniredis/v2"
 	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 )
 
-type chargeServer struct {
-	testingv1.UnimplementedTestServiceServer
-	charges int
-}
-
-func (s *chargeServer) Charge(ctx context.Context, req *testingv1.ChargeRequest) (*testingv1.ChargeResponse, error) {
-	s.charges++
-	key, _ := idempotency.KeyFromContext(ctx) // pass it on to the payment provider
-	return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d_%s", s.charges, key)}, nil
+// newChargeService is the repository's test service whose Charge answers
+// "ch_<execution>_<key>": the key is what a handler passes on to its payment
+// provider.
+func newChargeService() *testservice.Service {
+	return &testservice.Service{OnCharge: func(ctx context.Context, _ *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		key, _ := idempotency.KeyFromContext(ctx) // pass it on to the payment provider
+		return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d_%s", n, key)}, nil
+	}}
 }
 
 // The server interceptor on a Redis store: the second call with the same
@@ -42,21 +39,15 @@ func ExampleUnaryServerInterceptor() {
 	rdb := redis.NewUniversalClient(&redis.UniversalOptions{Addrs: []string{mr.Addr()}, ContextTimeoutEnabled: true})
 	defer rdb.Close()
 
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
+	svc := newChargeService()
+	client, stop, err := testservice.Start(svc, []grpc.ServerOption{grpc.ChainUnaryInterceptor(
 		// authentication first, so WithScope can read the principal
 		idempotency.UnaryServerInterceptor(idempotency.NewRedisStore(rdb)),
-	))
-	svc := &chargeServer{}
-	testingv1.RegisterTestServiceServer(srv, svc)
-	lis := bufconn.Listen(1 << 20)
-	go srv.Serve(lis)
-	defer srv.Stop()
-
-	conn, _ := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	defer conn.Close()
-	client := testingv1.NewTestServiceClient(conn)
+	)})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer stop()
 
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "order-8812")
 	for i := 0; i < 2; i++ {
@@ -64,34 +55,28 @@ func ExampleUnaryServerInterceptor() {
 		resp, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 1999}, grpc.Header(&header))
 		fmt.Println(resp.GetChargeId(), err, "replayed:", idempotency.Replayed(header))
 	}
-	fmt.Println("charges made:", svc.charges)
+	fmt.Println("charges made:", svc.Runs.Load())
 	// Output:
 	// ch_1_order-8812 <nil> replayed: false
 	// ch_1_order-8812 <nil> replayed: true
 	// charges made: 1
 }
 
-// serveExample serves a chargeServer behind interceptor on an in-memory
-// connection and returns its client and a stop function.
-func serveExample(svc *chargeServer, interceptor grpc.UnaryServerInterceptor) (testingv1.TestServiceClient, func()) {
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptor))
-	testingv1.RegisterTestServiceServer(srv, svc)
-	lis := bufconn.Listen(1 << 20)
-	go srv.Serve(lis)
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
+// serveExample serves svc behind interceptor in memory and returns its
+// client and a stop function.
+func serveExample(svc *testservice.Service, interceptor grpc.UnaryServerInterceptor) (testingv1.TestServiceClient, func()) {
+	client, stop, err := testservice.Start(svc, []grpc.ServerOption{grpc.ChainUnaryInterceptor(interceptor)})
 	if err != nil {
 		log.Fatal(err)
 	}
-	return testingv1.NewTestServiceClient(conn), func() { conn.Close(); srv.Stop() }
+	return client, stop
 }
 
 // A multi-tenant server scopes keys by the authenticated caller: two
 // tenants that happen to send the same key get two executions and their own
 // answers, and one can never receive the other's stored response.
 func ExampleWithScope() {
-	svc := &chargeServer{}
+	svc := newChargeService()
 	client, stop := serveExample(svc, idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(),
 		idempotency.WithScope(func(ctx context.Context) (string, error) {
 			// Your authentication interceptor's principal; a header here.
@@ -108,7 +93,7 @@ func ExampleWithScope() {
 		resp, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500})
 		fmt.Println(tenant, resp.GetChargeId(), err)
 	}
-	fmt.Println("charges made:", svc.charges)
+	fmt.Println("charges made:", svc.Runs.Load())
 	// Output:
 	// acme ch_1_order-1 <nil>
 	// globex ch_2_order-1 <nil>
@@ -119,7 +104,7 @@ func ExampleWithScope() {
 // ReasonOf tells a client why the interceptor refused a call: here a key
 // reused for a different request.
 func ExampleReasonOf() {
-	client, stop := serveExample(&chargeServer{}, idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore()))
+	client, stop := serveExample(newChargeService(), idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore()))
 	defer stop()
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "order-2")
 	_, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500})
@@ -145,7 +130,7 @@ func ExampleNewRedisStore() {
 	defer rdb.Close()
 	store := idempotency.NewRedisStore(rdb, idempotency.WithKeyPrefix("payments:"), idempotency.WithRedisLogger(nil))
 
-	client, stop := serveExample(&chargeServer{}, idempotency.UnaryServerInterceptor(store))
+	client, stop := serveExample(newChargeService(), idempotency.UnaryServerInterceptor(store))
 	defer stop()
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "checkout/2026-11-24/cart-991/any-length-up-to-255-bytes")
 	if _, err := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500}); err != nil {
@@ -167,7 +152,7 @@ func ExampleNewRedisStore() {
 // call with the key runs the handler again.
 func ExampleForget() {
 	store := idempotency.NewMemoryStore()
-	svc := &chargeServer{}
+	svc := newChargeService()
 	client, stop := serveExample(svc, idempotency.UnaryServerInterceptor(store))
 	defer stop()
 	const method = "/idempotency.testing.v1.TestService/Charge"
@@ -182,7 +167,7 @@ func ExampleForget() {
 	_, err = idempotency.Lookup(ctx, store, method, "", "order-3")
 	fmt.Println(errors.Is(err, idempotency.ErrNoRecord))
 	resp, _ := client.Charge(ctx, &testingv1.ChargeRequest{Amount: 500})
-	fmt.Println(resp.GetChargeId(), "charges made:", svc.charges)
+	fmt.Println(resp.GetChargeId(), "charges made:", svc.Runs.Load())
 	// Output:
 	// completed OK true <nil>
 	// forget: <nil>

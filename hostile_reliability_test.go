@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"golang.org/x/net/http2"
@@ -151,7 +152,7 @@ func rawGRPCCall(t *testing.T, conn net.Conn, path string, fields []hpack.Header
 func TestHostileKeysOnTheWire(t *testing.T) {
 	rc := newRedisClient(t, sharedRedisServer(t).Addr)
 	var runs atomic.Int64
-	svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+	svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 		runs.Add(1)
 		return &testingv1.DoResponse{Id: req.GetId(), Execution: n}, nil
 	}}
@@ -221,7 +222,7 @@ func TestHostileKeysOnTheWire(t *testing.T) {
 	}
 
 	// The same 1 MiB key through grpc-go's own client.
-	client := dialTestService(t, lis)
+	client := testservice.Dial(t, lis)
 	before := runs.Load()
 	ctx := metadata.AppendToOutgoingContext(testCtx(t), DefaultKeyHeader, strings.Repeat("k", 1<<20))
 	_, err := client.Do(ctx, &testingv1.DoRequest{Id: "big"})
@@ -299,7 +300,7 @@ func TestHostileRecordsInRedis(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			k := "hostile-" + strings.NewReplacer(" ", "-", ",", "", "'", "").Replace(tc.name)
 			tc.plant(StoreKey(methodDo, "", k))
-			before := env.svc.runs.Load()
+			before := env.svc.Runs.Load()
 			resp, err := env.client.Do(withKey(ctx, k), req)
 			got := "OK"
 			if err != nil {
@@ -323,7 +324,7 @@ func TestHostileRecordsInRedis(t *testing.T) {
 			if tc.want == "OK" && resp.GetExecution() != 7 {
 				t.Fatalf("replay = %v, want the planted execution 7", resp)
 			}
-			if n := env.svc.runs.Load() - before; n != 0 {
+			if n := env.svc.Runs.Load() - before; n != 0 {
 				t.Fatalf("handler ran %d times", n)
 			}
 		})
@@ -335,9 +336,9 @@ func TestHostileRecordsInRedis(t *testing.T) {
 		if err := rc.HSet(ctx, prefix+StoreKey(methodDo, "", k), "rec", rec).Err(); err != nil {
 			t.Fatal(err)
 		}
-		before := env.svc.runs.Load()
+		before := env.svc.Runs.Load()
 		_, err := env.client.Do(withKey(ctx, k), req)
-		if n := env.svc.runs.Load() - before; n != 0 {
+		if n := env.svc.Runs.Load() - before; n != 0 {
 			t.Fatalf("seed %d: handler ran %d times (answer %v)", i, n, err)
 		}
 		if status.Code(err) == codes.Internal && strings.Contains(err.Error(), "panic") {

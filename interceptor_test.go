@@ -36,7 +36,7 @@ func withKey(ctx context.Context, key string) context.Context {
 // and trailer metadata, plus the replay marker that the first answer lacks.
 func TestReplayIsIdentical(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			_ = grpc.SetHeader(ctx, metadata.Pairs("x-charge", "ch_1", "x-bin-bin", "\x00\xff"))
 			_ = grpc.SetTrailer(ctx, metadata.Pairs("x-trailer", "t1"))
 			return &testingv1.DoResponse{Id: req.GetId(), Execution: n, Payload: req.GetPayload()}, nil
@@ -54,7 +54,7 @@ func TestReplayIsIdentical(t *testing.T) {
 		if err != nil {
 			t.Fatalf("repeat: %v", err)
 		}
-		if n := svc.runs.Load(); n != 1 {
+		if n := svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler executions = %d, want 1", n)
 		}
 		if !proto.Equal(r1, r2) {
@@ -90,7 +90,7 @@ func TestReplayIsIdentical(t *testing.T) {
 func TestStoredErrorIsReplayed(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		var failedOnce atomic.Bool
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			if req.GetId() == "transient" && failedOnce.CompareAndSwap(false, true) {
 				return nil, status.Error(codes.Unavailable, "provider down")
 			}
@@ -107,7 +107,7 @@ func TestStoredErrorIsReplayed(t *testing.T) {
 		var h metadata.MD
 		_, err1 := env.client.Do(withKey(ctx, "nf"), nf)
 		_, err2 := env.client.Do(withKey(ctx, "nf"), nf, grpc.Header(&h))
-		if n := svc.runs.Load(); n != 1 {
+		if n := svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler executions after a stored NotFound = %d, want 1", n)
 		}
 		if !proto.Equal(status.Convert(err1).Proto(), status.Convert(err2).Proto()) {
@@ -142,7 +142,7 @@ func TestKeyReusedForAnotherRequest(t *testing.T) {
 		}
 		_, err := env.client.Do(ctx, &testingv1.DoRequest{Id: "a", Amount: 200})
 		wantStatus(t, err, codes.FailedPrecondition, ReasonKeyReused)
-		if n := env.svc.runs.Load(); n != 1 {
+		if n := env.svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler executions = %d, want 1", n)
 		}
 	})
@@ -167,7 +167,7 @@ func TestBadKeys(t *testing.T) {
 		{"binary header", metadata.Pairs(DefaultKeyHeader+"-bin", "abc"), "charge", ReasonKeyInvalid},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := env.svc.runs.Load()
+			before := env.svc.Runs.Load()
 			cctx := metadata.NewOutgoingContext(ctx, tc.md)
 			var err error
 			if tc.method == "charge" {
@@ -176,7 +176,7 @@ func TestBadKeys(t *testing.T) {
 				_, err = env.client.Do(cctx, &testingv1.DoRequest{Id: "x"})
 			}
 			wantStatus(t, err, codes.InvalidArgument, tc.reason)
-			if n := env.svc.runs.Load(); n != before {
+			if n := env.svc.Runs.Load(); n != before {
 				t.Fatalf("handler ran %d times for a refused key", n-before)
 			}
 		})
@@ -230,8 +230,8 @@ func TestMethodPolicies(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if env.svc.reads.Load() != 2 || env.svc.runs.Load() != 2 {
-		t.Fatalf("reads=%d runs=%d, want 2 and 2: Read (NO_SIDE_EFFECTS) and keyless Do pass through", env.svc.reads.Load(), env.svc.runs.Load())
+	if env.svc.Reads.Load() != 2 || env.svc.Runs.Load() != 2 {
+		t.Fatalf("reads=%d runs=%d, want 2 and 2: Read (NO_SIDE_EFFECTS) and keyless Do pass through", env.svc.Reads.Load(), env.svc.Runs.Load())
 	}
 	if got := env.events.count(OutcomePassThrough); got != 2 {
 		t.Fatalf("pass-through events = %d, want 2 (Read is not intercepted at all)", got)
@@ -253,7 +253,7 @@ func TestMethodPolicies(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := env2.svc.runs.Load(); n != 2 {
+	if n := env2.svc.Runs.Load(); n != 2 {
 		t.Fatalf("ignored Charge ran %d times, want 2", n)
 	}
 	if got := DeclaredKeyPolicy(methodCharge); got != KeyRequired {
@@ -274,7 +274,7 @@ func TestConcurrentDuplicates(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			forEachBackend(t, func(t *testing.T, b *backend) {
 				release := make(chan struct{})
-				svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+				svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 					<-release
 					return &testingv1.DoResponse{Id: req.GetId(), Execution: n}, nil
 				}}
@@ -311,7 +311,7 @@ func TestConcurrentDuplicates(t *testing.T) {
 				}
 				close(release)
 				wg.Wait()
-				if got := svc.runs.Load(); got != 1 {
+				if got := svc.Runs.Load(); got != 1 {
 					t.Fatalf("handler executions = %d, want 1", got)
 				}
 				ok := 0
@@ -375,7 +375,7 @@ func TestScopeIsolation(t *testing.T) {
 		}
 		_, err = env.client.Do(ctx, req)
 		wantStatus(t, err, codes.Unauthenticated, "")
-		if n := env.svc.runs.Load(); n != 2 {
+		if n := env.svc.Runs.Load(); n != 2 {
 			t.Fatalf("handler executions = %d, want 2", n)
 		}
 	})
@@ -385,7 +385,7 @@ func TestScopeIsolation(t *testing.T) {
 // panic reaches the outer recovery interceptor) and the retry runs.
 func TestPanicReleasesKey(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			if n == 1 {
 				panic("boom")
 			}
@@ -413,7 +413,7 @@ func TestPanicReleasesKey(t *testing.T) {
 func TestCanceledClientStillStores(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		started, release := make(chan struct{}), make(chan struct{})
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			close(started)
 			<-ctx.Done() // the client is gone
 			<-release
@@ -474,7 +474,7 @@ func (c *countingStore) Renew(ctx context.Context, key, token string, lease time
 func TestLeaseRenewal(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		release := make(chan struct{})
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			<-release
 			return &testingv1.DoResponse{Execution: n}, nil
 		}}
@@ -501,7 +501,7 @@ func TestLeaseRenewal(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
-		if n := svc.runs.Load(); n != 1 {
+		if n := svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler executions = %d, want 1", n)
 		}
 	})
@@ -513,7 +513,7 @@ func TestLeaseRenewal(t *testing.T) {
 func TestFencingStaleOwner(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		started, release := make(chan struct{}, 2), make(chan struct{})
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			if n == 1 {
 				started <- struct{}{}
 				<-release
@@ -573,7 +573,7 @@ func TestStoreDownFailsClosed(t *testing.T) {
 			stop()
 			_, err := env.client.Do(withKey(testCtx(t), "other"), &testingv1.DoRequest{})
 			wantStatus(t, err, codes.Unavailable, ReasonStoreUnavailable)
-			if n := env.svc.runs.Load(); n != 1 {
+			if n := env.svc.Runs.Load(); n != 1 {
 				t.Fatalf("handler executions = %d, want 1: nothing runs without a claim", n)
 			}
 			open := newTestEnv(t, NewRedisStore(c), envConfig{opts: []Option{WithFailOpen()}})
@@ -611,7 +611,7 @@ func TestCorruptRecord(t *testing.T) {
 				t.Fatalf("%s record: %v, want DataLoss RECORD_CORRUPT", name, err)
 			}
 		}
-		if n := env.svc.runs.Load(); n != 0 {
+		if n := env.svc.Runs.Load(); n != 0 {
 			t.Fatalf("handler executions = %d, want 0", n)
 		}
 	})
@@ -630,7 +630,7 @@ func TestTooLargeIsNeverRerun(t *testing.T) {
 		}
 		_, err = env.client.Do(ctx, req)
 		wantStatus(t, err, codes.AlreadyExists, ReasonResponseTooLarge)
-		if n := env.svc.runs.Load(); n != 1 {
+		if n := env.svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler executions = %d, want 1", n)
 		}
 	})
@@ -665,7 +665,7 @@ func TestRejectRepeats(t *testing.T) {
 // request_id field and the handler sees it through KeyFromContext.
 func TestKeyFromRequestField(t *testing.T) {
 	var seen atomic.Value
-	svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+	svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 		k, _ := KeyFromContext(ctx)
 		seen.Store(k)
 		return &testingv1.DoResponse{Execution: n}, nil
@@ -678,7 +678,7 @@ func TestKeyFromRequestField(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := svc.runs.Load(); n != 1 || seen.Load() != "9f1c-uuid" {
+	if n := svc.Runs.Load(); n != 1 || seen.Load() != "9f1c-uuid" {
 		t.Fatalf("executions %d, key seen %v; want 1 and the request_id", n, seen.Load())
 	}
 	_, err := env.client.Do(ctx, &testingv1.DoRequest{RequestId: "bad key"})

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"github.com/redis/go-redis/v9"
@@ -35,15 +36,15 @@ func newRelFleet(t *testing.T, n int, redisAddr string, handler func(ctx context
 	serverOpts func(i int) []Option, clientOpts ...ClientOption) *relFleet {
 	t.Helper()
 	f := &relFleet{prefix: fmt.Sprintf("fleet:%s:%d:", t.Name(), time.Now().UnixNano())}
-	svc := &testService{do: handler}
+	svc := &testService{OnDo: handler}
 	for i := 0; i < n; i++ {
 		events := newEventLog()
 		rc := redis.NewClient(&redis.Options{Addr: redisAddr, ContextTimeoutEnabled: true})
 		t.Cleanup(func() { rc.Close() })
 		opts := append([]Option{WithObserver(events.observe)}, serverOpts(i)...)
-		lis := serveTestService(t, svc, grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(f.prefix)), opts...)))
+		lis := testservice.Serve(t, svc, grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(f.prefix)), opts...)))
 		f.events = append(f.events, events)
-		f.clients = append(f.clients, dialTestService(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(clientOpts...))))
+		f.clients = append(f.clients, testservice.Dial(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(clientOpts...))))
 	}
 	return f
 }

@@ -119,7 +119,7 @@ func TestLeaseSurvivesOutageOfTwoRenewals(t *testing.T) {
 			return append([]time.Time(nil), renewedAt...)
 		}
 		started, release := make(chan struct{}), make(chan struct{})
-		env := newTestEnv(t, store, envConfig{svc: &testService{do: blockingFirstRun(started, release)},
+		env := newTestEnv(t, store, envConfig{svc: &testService{OnDo: blockingFirstRun(started, release)},
 			opts: []Option{WithLease(lease), WithRetryDelay(time.Millisecond)}})
 		ctx := withKey(testCtx(t), "outage")
 		first := make(chan error, 1)
@@ -147,7 +147,7 @@ func TestLeaseSurvivesOutageOfTwoRenewals(t *testing.T) {
 		if err := <-first; err != nil {
 			t.Fatalf("first call: %v", err)
 		}
-		if n := env.svc.runs.Load(); n != 1 {
+		if n := env.svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler ran %d times, want 1", n)
 		}
 	})
@@ -171,7 +171,7 @@ func TestLeaseTakenBackWhenKeyVanished(t *testing.T) {
 			return res, err
 		}
 		started, release := make(chan struct{}), make(chan struct{})
-		env := newTestEnv(t, store, envConfig{svc: &testService{do: blockingFirstRun(started, release)},
+		env := newTestEnv(t, store, envConfig{svc: &testService{OnDo: blockingFirstRun(started, release)},
 			opts: []Option{WithLease(300 * time.Millisecond)}})
 		ctx := withKey(testCtx(t), "vanished")
 		first := make(chan *testingv1.DoResponse, 1)
@@ -193,7 +193,7 @@ func TestLeaseTakenBackWhenKeyVanished(t *testing.T) {
 		if err != nil || r2.GetExecution() != r1.GetExecution() {
 			t.Fatalf("repeat = %v, %v; want the replay of execution %d", r2, err, r1.GetExecution())
 		}
-		if n := env.svc.runs.Load(); n != 1 {
+		if n := env.svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler ran %d times, want 1", n)
 		}
 	})
@@ -264,7 +264,7 @@ func TestAnswerNotDelayedByRenewal(t *testing.T) {
 			return b.store.Renew(context.Background(), key, token, l)
 		}
 		defer close(unblock)
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			<-renewing
 			return &testingv1.DoResponse{Execution: n}, nil
 		}}
@@ -310,7 +310,7 @@ func TestNoRenewalAfterRelease(t *testing.T) {
 				}
 			}
 		}
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			time.Sleep(3 * time.Millisecond)
 			return nil, status.Error(codes.Unavailable, "downstream busy")
 		}}
@@ -344,7 +344,7 @@ func TestLostReleaseReplyIsNotLeaseLost(t *testing.T) {
 			}
 			return err
 		}
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			return nil, status.Error(codes.Unavailable, "downstream busy")
 		}}
 		env := newTestEnv(t, store, envConfig{svc: svc})

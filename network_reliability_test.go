@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"github.com/redis/go-redis/v9"
@@ -71,17 +72,17 @@ func TestNetworkResetAroundClaimAndComplete(t *testing.T) {
 				mu     sync.Mutex
 				starts []time.Time
 			)
-			svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+			svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 				execs.Add(1)
 				mu.Lock()
 				starts = append(starts, time.Now())
 				mu.Unlock()
 				return &testingv1.DoResponse{Id: req.GetId(), Execution: n, Payload: []byte(time.Now().String())}, nil
 			}}
-			lis := serveTestService(t, svc, grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(prefix)),
+			lis := testservice.Serve(t, svc, grpc.UnaryInterceptor(UnaryServerInterceptor(NewRedisStore(rc, WithKeyPrefix(prefix)),
 				WithObserver(events.observe), WithLease(lease), WithRetryDelay(20*time.Millisecond))))
 			dial := func(opts ...ClientOption) testingv1.TestServiceClient {
-				return dialTestService(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(opts...)))
+				return testservice.Dial(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(opts...)))
 			}
 			patient := dial(WithMaxAttempts(100), WithBackoff(10*time.Millisecond, 100*time.Millisecond))
 			once := dial(WithoutRetries())

@@ -189,7 +189,7 @@ func TestStoreBoundsCallsWhenClientIgnoresDeadlines(t *testing.T) {
 	case <-time.After(testTimeout):
 		t.Fatalf("a call with a 300ms deadline did not return within %v against a silent Redis", testTimeout)
 	}
-	if n := env.svc.runs.Load(); n != 0 {
+	if n := env.svc.Runs.Load(); n != 0 {
 		t.Fatalf("handler ran %d times without a claim", n)
 	}
 }

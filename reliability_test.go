@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"github.com/redis/go-redis/v9"
@@ -351,10 +352,10 @@ func (r *stormRun) startServers() {
 				return "", status.Error(codes.Unauthenticated, "no tenant")
 			}))
 		}
-		svc := &testService{do: r.handler(srv)}
-		lis := serveTestService(t, svc, grpc.ChainUnaryInterceptor(r.track, UnaryServerInterceptor(srv.store, opts...)))
+		svc := &testService{OnDo: r.handler(srv)}
+		lis := testservice.Serve(t, svc, grpc.ChainUnaryInterceptor(r.track, UnaryServerInterceptor(srv.store, opts...)))
 		dial := func(copts ...ClientOption) testingv1.TestServiceClient {
-			return dialTestService(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(copts...)))
+			return testservice.Dial(t, lis, grpc.WithChainUnaryInterceptor(UnaryClientInterceptor(copts...)))
 		}
 		// Patient callers retry for longer than a lease, so they outlast a
 		// key orphaned by a lost claim reply; brief callers give up after

@@ -47,7 +47,7 @@ func TestNonUTF8ErrorMessageIsStored(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			forEachBackend(t, func(t *testing.T, b *backend) {
-				svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+				svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 					return nil, tc.err()
 				}}
 				env := newTestEnv(t, b.store, envConfig{svc: svc})
@@ -56,7 +56,7 @@ func TestNonUTF8ErrorMessageIsStored(t *testing.T) {
 				wantStatus(t, first, codes.FailedPrecondition, "")
 				var header metadata.MD
 				_, replay := env.client.Do(ctx, &testingv1.DoRequest{}, grpc.Header(&header))
-				if n := env.svc.runs.Load(); n != 1 {
+				if n := env.svc.Runs.Load(); n != 1 {
 					t.Fatalf("handler ran %d times, want 1 (events: executed=%d not_stored=%d)", n, env.events.count(OutcomeExecuted), env.events.count(OutcomeNotStored))
 				}
 				if !Replayed(header) {
@@ -73,7 +73,7 @@ func TestNonUTF8ErrorMessageIsStored(t *testing.T) {
 // are replayed exactly as the first answer carried them.
 func TestReplayKeepsEveryHeaderValue(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			_ = grpc.SetHeader(ctx, metadata.Pairs("x-note", "caf\u00e9", "x-tab", "a\tb", "x-raw", "\xff\x80", "x-plain", "ok"))
 			_ = grpc.SetTrailer(ctx, metadata.Pairs("x-trail", "na\u00efve \u2713"))
 			return &testingv1.DoResponse{Execution: n}, nil
@@ -87,7 +87,7 @@ func TestReplayKeepsEveryHeaderValue(t *testing.T) {
 		if _, err := env.client.Do(ctx, &testingv1.DoRequest{}, grpc.Header(&h2), grpc.Trailer(&t2)); err != nil {
 			t.Fatal(err)
 		}
-		if n := env.svc.runs.Load(); n != 1 || !Replayed(h2) {
+		if n := env.svc.Runs.Load(); n != 1 || !Replayed(h2) {
 			t.Fatalf("runs = %d, second answer replayed = %v; want 1 run and a replay", n, Replayed(h2))
 		}
 		for _, k := range []string{"x-note", "x-tab", "x-raw", "x-plain"} {
@@ -107,7 +107,7 @@ func TestReplayKeepsEveryHeaderValue(t *testing.T) {
 // stored DeadlineExceeded the repeat gets the code the first caller got.
 func TestBareContextErrorClassifiedAsGRPCDoes(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			return nil, context.DeadlineExceeded
 		}}
 		stored := WithStoredCodes(func(c codes.Code) bool { return c == codes.OK || c == codes.DeadlineExceeded })
@@ -116,7 +116,7 @@ func TestBareContextErrorClassifiedAsGRPCDoes(t *testing.T) {
 		_, first := env.client.Do(ctx, &testingv1.DoRequest{})
 		wantStatus(t, first, codes.DeadlineExceeded, "")
 		_, replay := env.client.Do(ctx, &testingv1.DoRequest{})
-		if n := env.svc.runs.Load(); n != 1 {
+		if n := env.svc.Runs.Load(); n != 1 {
 			t.Fatalf("handler ran %d times, want 1", n)
 		}
 		wantSameStatus(t, first, replay)
@@ -139,7 +139,7 @@ func TestBareContextErrorClassifiedAsGRPCDoes(t *testing.T) {
 // carries the marker once.
 func TestHandlerCannotFakeReplayMarker(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
-		svc := &testService{do: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			fake := metadata.Pairs(ReplayedHeader, "true", "x-downstream", "yes")
 			_ = grpc.SetHeader(ctx, fake)
 			_ = grpc.SetTrailer(ctx, fake)

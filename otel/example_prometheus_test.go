@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http/httptest"
 	"sort"
 	"strings"
 
 	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	idempotencyotel "github.com/idempotency-grpc/idempotency/otel"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,18 +18,8 @@ import (
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/test/bufconn"
 )
-
-type doServer struct {
-	testingv1.UnimplementedTestServiceServer
-}
-
-func (doServer) Do(context.Context, *testingv1.DoRequest) (*testingv1.DoResponse, error) {
-	return &testingv1.DoResponse{Id: "done"}, nil
-}
 
 // Prometheus users export the interceptor's metrics through OpenTelemetry's
 // Prometheus exporter and serve them with promhttp. A call and its repeat
@@ -45,18 +35,14 @@ func Example_prometheus() {
 		log.Fatal(err)
 	}
 
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(
-		idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(), idempotency.WithObserver(observe))))
-	testingv1.RegisterTestServiceServer(srv, doServer{})
-	lis := bufconn.Listen(1 << 20)
-	go srv.Serve(lis)
-	defer srv.Stop()
-	conn, _ := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	defer conn.Close()
+	// The repository's test service, in memory.
+	client, stop, err := testservice.Start(&testservice.Service{}, []grpc.ServerOption{grpc.ChainUnaryInterceptor(
+		idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(), idempotency.WithObserver(observe)))})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer stop()
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "idempotency-key", "k1")
-	client := testingv1.NewTestServiceClient(conn)
 	for i := 0; i < 2; i++ {
 		if _, err := client.Do(ctx, &testingv1.DoRequest{Id: "x"}); err != nil {
 			log.Fatal(err)

@@ -2,12 +2,11 @@ package idempotencyotel
 
 import (
 	"context"
-	"net"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"go.opentelemetry.io/otel/attribute"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
@@ -16,48 +15,30 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/test/bufconn"
 )
 
-type svc struct {
-	testingv1.UnimplementedTestServiceServer
-	runs    atomic.Int64
-	started chan struct{}
-	release chan struct{}
-}
-
-func (s *svc) Do(ctx context.Context, req *testingv1.DoRequest) (*testingv1.DoResponse, error) {
-	n := s.runs.Add(1)
-	switch req.GetId() {
-	case "slow":
-		close(s.started)
-		<-s.release
-	case "transient":
-		return nil, status.Error(codes.Unavailable, "down")
-	}
-	return &testingv1.DoResponse{Id: req.GetId(), Execution: n}, nil
+// newSvc is the repository's test service: a Do with id "slow" signals
+// started and waits for release; "transient" fails Unavailable.
+func newSvc(started, release chan struct{}) *testservice.Service {
+	return &testservice.Service{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		switch req.GetId() {
+		case "slow":
+			close(started)
+			<-release
+		case "transient":
+			return nil, status.Error(codes.Unavailable, "down")
+		}
+		return &testingv1.DoResponse{Id: req.GetId(), Execution: n}, nil
+	}}
 }
 
 // serveTest serves svc on bufconn behind the interceptors (the first is
 // outermost) and returns a client; both end with the test.
 func serveTest(t *testing.T, svc testingv1.TestServiceServer, interceptors ...grpc.UnaryServerInterceptor) testingv1.TestServiceClient {
 	t.Helper()
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(interceptors...))
-	testingv1.RegisterTestServiceServer(srv, svc)
-	lis := bufconn.Listen(1 << 20)
-	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(srv.Stop)
-	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return testingv1.NewTestServiceClient(conn)
+	return testservice.Dial(t, testservice.Serve(t, svc, grpc.ChainUnaryInterceptor(interceptors...)))
 }
 
 // calls returns the value of the calls counter for an outcome.
@@ -100,7 +81,8 @@ func TestEveryOutcomeIsCounted(t *testing.T) {
 		defer span.End()
 		return h(ctx, req)
 	}
-	s := &svc{started: make(chan struct{}), release: make(chan struct{})}
+	started, release := make(chan struct{}), make(chan struct{})
+	s := newSvc(started, release)
 	client := serveTest(t, s, tracing,
 		idempotency.UnaryServerInterceptor(idempotency.NewMemoryStore(), idempotency.WithObserver(observe)))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -112,7 +94,7 @@ func TestEveryOutcomeIsCounted(t *testing.T) {
 		defer close(slowDone)
 		_, _ = client.Do(key("slow"), &testingv1.DoRequest{Id: "slow"})
 	}()
-	<-s.started
+	<-started
 
 	steps := []struct {
 		outcome idempotency.Outcome
@@ -137,7 +119,7 @@ func TestEveryOutcomeIsCounted(t *testing.T) {
 			t.Fatalf("%s counter moved by %d, want 1", st.outcome, got)
 		}
 	}
-	close(s.release)
+	close(release)
 	<-slowDone
 
 	var replaySpan sdktrace.ReadOnlySpan

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"google.golang.org/grpc"
@@ -29,15 +30,14 @@ func (stealingStore) Complete(context.Context, string, string, []byte, time.Dura
 	return idempotency.ErrLeaseLost
 }
 
-type outcomeSvc struct {
-	testingv1.UnimplementedTestServiceServer
-}
-
-func (outcomeSvc) Do(ctx context.Context, req *testingv1.DoRequest) (*testingv1.DoResponse, error) {
-	if req.GetId() == "panic" {
-		panic("boom")
-	}
-	return &testingv1.DoResponse{Id: req.GetId(), Payload: req.GetPayload()}, nil
+// outcomeSvc is the repository's test service; a Do with id "panic" panics.
+func outcomeSvc() *testservice.Service {
+	return &testservice.Service{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+		if req.GetId() == "panic" {
+			panic("boom")
+		}
+		return &testingv1.DoResponse{Id: req.GetId(), Payload: req.GetPayload()}, nil
+	}}
 }
 
 func recoverer(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
@@ -78,7 +78,7 @@ func TestOutcomeKinds(t *testing.T) {
 			if store == nil {
 				store = idempotency.NewMemoryStore()
 			}
-			client := serveTest(t, outcomeSvc{}, recoverer,
+			client := serveTest(t, outcomeSvc(), recoverer,
 				idempotency.UnaryServerInterceptor(store, append([]idempotency.Option{idempotency.WithObserver(observe)}, tc.opts...)...))
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
