@@ -2,10 +2,11 @@ module github.com/idempotency-grpc/idempotency/otel
 
 go 1.26.0
 
+// Development: the working copy (go.work does the same from the root).
 replace github.com/idempotency-grpc/idempotency => ../
 
 require (
-	github.com/idempotency-grpc/idempotency v0.0.0-00010101000000-000000000000
+	github.com/idempotency-grpc/idempotency v0.1.0
 	github.com/prometheus/client_golang v1.25.0
 	go.opentelemetry.io/otel v1.47.0
 	go.opentelemetry.io/otel/exporters/prometheus v0.69.0

@@ -31,8 +31,8 @@
 // 127.0.0.1:PORT"), which inspect and forget can use while serve runs.
 //
 // With --metrics-addr, serve also serves the interceptor's metrics over
-// HTTP at /metrics, in the Prometheus text format, under the names the otel
-// module's metrics get through OpenTelemetry's Prometheus exporter:
+// HTTP at /metrics, through the otel module's observer and OpenTelemetry's
+// Prometheus exporter:
 // idempotency_server_calls_total (a counter, by rpc_method,
 // idempotency_outcome and idempotency_replayed) and
 // idempotency_store_duration_seconds (a histogram of the time spent in the
@@ -260,8 +260,12 @@ func serve(ctx context.Context, lis net.Listener, o serveOptions) error {
 	var metricsSrv *http.Server
 	metricsServed := make(chan error, 1)
 	if o.metricsLis != nil {
-		cfg.metrics = newMetrics()
-		metricsSrv = &http.Server{Handler: metricsHandler(cfg.metrics), ReadHeaderTimeout: 10 * time.Second}
+		observe, handler, err := newMetrics()
+		if err != nil {
+			return err
+		}
+		cfg.metrics = observe
+		metricsSrv = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 		go func() { metricsServed <- metricsSrv.Serve(o.metricsLis) }()
 	}
 	srv := newServer(cfg)

@@ -124,8 +124,9 @@ type serverConfig struct {
 	logLine func(line string)
 	// detailed adds error messages and durations to the log lines.
 	detailed bool
-	// metrics, when set, counts the interceptor's events for /metrics.
-	metrics *metrics
+	// metrics, when set, records the interceptor's events for /metrics
+	// (see newMetrics).
+	metrics func(context.Context, idempotency.Event)
 }
 
 // newServer builds the gRPC server. The interceptor chain, outermost first:
@@ -145,7 +146,7 @@ func newServer(cfg serverConfig, opts ...grpc.ServerOption) *grpc.Server {
 		if m := cfg.metrics; m != nil {
 			observer = func(ctx context.Context, e idempotency.Event) {
 				observe(ctx, e)
-				m.observe(ctx, e)
+				m(ctx, e)
 			}
 		}
 		iopts := append([]idempotency.Option{idempotency.WithObserver(observer)}, cfg.opts...)
