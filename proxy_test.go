@@ -52,12 +52,11 @@ type faultProxy struct {
 }
 
 type proxyConn struct {
-	p          *faultProxy
-	client     net.Conn
-	upstream   net.Conn
-	dropReply  atomic.Bool
-	closeOnce  sync.Once
-	resetCount *atomic.Int64
+	p         *faultProxy
+	client    net.Conn
+	upstream  net.Conn
+	dropReply atomic.Bool
+	closeOnce sync.Once
 }
 
 // newFaultProxy listens on a loopback port and forwards to target.
