@@ -1,0 +1,16 @@
+package idempotency
+
+import "testing"
+
+// The real-server harness of this package's tests, for its external tests
+// (package idempotency_test), which cannot see unexported test helpers.
+// Each skips its test when the binaries are missing, or fails it when CI is
+// set.
+
+// SharedRedisAddrForTest returns the address of the redis-server the
+// package's tests share.
+func SharedRedisAddrForTest(t testing.TB) string { return sharedRedisServer(t).Addr }
+
+// StartRedisClusterForTest starts a 3-master Redis Cluster for t and returns
+// its node addresses.
+func StartRedisClusterForTest(t *testing.T) []string { return relStartCluster(t) }

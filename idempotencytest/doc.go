@@ -1,0 +1,30 @@
+// Package idempotencytest is the public conformance suite of the
+// [idempotency.Store] contract: the rules the server interceptor's
+// guarantee rests on (claims, fencing by token, idempotent completion, the
+// "key gone" semantics, expiry, hostile bytes, concurrency, and
+// [idempotency.AdminStore] when implemented). Every store of this
+// repository passes it, and a custom store (DynamoDB, Spanner, Postgres, a
+// bank's in-house KV) is a Store only once it does too.
+//
+// Run it from a test of your store, giving it a fresh store (or a fresh
+// namespace) per call, and, if the store's clock can be moved, a way to move
+// it; otherwise the suite waits in real time with short leases (a few
+// seconds in all):
+//
+//	func TestMyStoreConformance(t *testing.T) {
+//		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
+//			db := startMyDatabase(t)
+//			return idempotencytest.Harness{
+//				Store:   mystore.New(db, mystore.WithTable(t.Name())),
+//				Advance: nil, // or a fake clock's Advance
+//			}
+//		})
+//	}
+//
+// Each rule is a subtest whose name says the rule; a failure message names
+// the rule broken and what the store did instead. Run it with -race: one
+// rule has 32 goroutines claim the same key at once.
+//
+// The test gRPC service and in-memory serve and dial helpers that the
+// repository's own tests use are in the sub-package testservice.
+package idempotencytest

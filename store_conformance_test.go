@@ -1,0 +1,63 @@
+package idempotency_test
+
+import (
+	"context"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest"
+	"github.com/redis/go-redis/v9"
+)
+
+// conformancePrefixes makes every rule's Redis keys unique.
+var conformancePrefixes atomic.Int64
+
+func conformancePrefix() string {
+	return fmt.Sprintf("conformance:%d:%d:", time.Now().UnixNano(), conformancePrefixes.Add(1))
+}
+
+// TestStoreConformance runs the public Store contract suite
+// (idempotencytest.RunStoreTests) against every store of this repository:
+// the memory store, Redis on miniredis (its clock moved with FastForward),
+// a real redis-server and a real 3-master Redis Cluster (in real time).
+func TestStoreConformance(t *testing.T) {
+	t.Run("memory", func(t *testing.T) {
+		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
+			return idempotencytest.Harness{Store: idempotency.NewMemoryStore()}
+		})
+	})
+	t.Run("miniredis", func(t *testing.T) {
+		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
+			m := miniredis.RunT(t)
+			c := redis.NewClient(&redis.Options{Addr: m.Addr(), ContextTimeoutEnabled: true})
+			t.Cleanup(func() { c.Close() })
+			return idempotencytest.Harness{
+				Store:   idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil)),
+				Advance: m.FastForward,
+			}
+		})
+	})
+	t.Run("redis-server", func(t *testing.T) {
+		c := redis.NewClient(&redis.Options{Addr: idempotency.SharedRedisAddrForTest(t), ContextTimeoutEnabled: true})
+		t.Cleanup(func() { c.Close() })
+		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
+			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil))}
+		})
+	})
+	t.Run("redis-cluster", func(t *testing.T) {
+		c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: idempotency.StartRedisClusterForTest(t), ContextTimeoutEnabled: true})
+		t.Cleanup(func() { c.Close() })
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error { return m.Ping(ctx).Err() }); err != nil {
+			t.Fatalf("cluster: %v", err)
+		}
+		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
+			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil))}
+		})
+	})
+}
