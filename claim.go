@@ -58,6 +58,9 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 				s.emit(ctx, c)
 				return resp, herr
 			}
+			if errors.Is(err, ErrNotReplicated) {
+				return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errNotReplicated(c.method), err)
+			}
 			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), err)
 		}
 		if res.Claimed {

@@ -46,6 +46,11 @@ const (
 	// ReasonStoreUnavailable: the store could not be reached or failed, and the
 	// handler was not run. Code Unavailable.
 	ReasonStoreUnavailable = "STORE_UNAVAILABLE"
+	// ReasonNotReplicated: the claim was not acknowledged by as many Redis
+	// replicas as [WithReplicaAcks] asks within its timeout, so the key was
+	// released and the handler was not run. Code Unavailable; clients retry
+	// it like STORE_UNAVAILABLE.
+	ReasonNotReplicated = "STORE_NOT_REPLICATED"
 	// ReasonRecordCorrupt: the stored record could not be decoded or names a
 	// response type this server does not know. Code DataLoss.
 	ReasonRecordCorrupt = "RECORD_CORRUPT"
@@ -86,6 +91,12 @@ var (
 	ErrLeaseLost = errors.New("idempotency: lease lost")
 	// ErrCorruptRecord is wrapped by errors decoding a stored record.
 	ErrCorruptRecord = errors.New("idempotency: corrupt record")
+
+	// ErrNotReplicated is wrapped by store errors when fewer replicas than
+	// asked acknowledged a write (see [WithReplicaAcks]). A claim so
+	// refused is answered Unavailable (reason STORE_NOT_REPLICATED); an
+	// outcome write so refused is reported as [OutcomeNotReplicated].
+	ErrNotReplicated = errors.New("idempotency: the write was not acknowledged by enough replicas")
 
 	// errForgotten is the Event error of a call whose record was deleted
 	// with Forget while its handler ran.
@@ -247,4 +258,9 @@ func errRetryInterrupted(method string, ctxErr error, attempt int, last error) e
 	return newStatus(status.FromContextError(ctxErr).Code(), ReasonRetryInterrupted,
 		map[string]string{"method": method, "attempts": strconv.Itoa(attempt)},
 		fmt.Sprintf("%v while waiting to retry %s after attempt %d, which failed: %v", ctxErr, method, attempt, last))
+}
+
+func errNotReplicated(method string) error {
+	return newStatus(codes.Unavailable, ReasonNotReplicated, methodMeta(method),
+		"the idempotency store could not replicate the claim; the call was not executed")
 }

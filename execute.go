@@ -110,6 +110,9 @@ func outcomeOfStoreErr(err error) Outcome {
 	if errors.Is(err, ErrLeaseLost) {
 		return OutcomeLeaseLost
 	}
+	if errors.Is(err, ErrNotReplicated) {
+		return OutcomeNotReplicated
+	}
 	return OutcomeNotStored
 }
 
@@ -125,6 +128,9 @@ func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
 	start := time.Now()
 	defer func() { c.ev.StoreLatency += time.Since(start) }()
 	backoff := 10 * time.Millisecond
+	// Once a write is known stored but not replicated, a later try that
+	// times out does not undo it: that is what is reported.
+	var notReplicated error
 	for {
 		var err error
 		if rec == nil {
@@ -134,6 +140,11 @@ func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
 		}
 		if err == nil || errors.Is(err, ErrLeaseLost) {
 			return err
+		}
+		if errors.Is(err, ErrNotReplicated) {
+			notReplicated = err
+		} else if notReplicated != nil && fctx.Err() != nil {
+			err = notReplicated
 		}
 		t := time.NewTimer(backoff)
 		select {

@@ -37,6 +37,11 @@ const (
 	// OutcomeNotStored: the handler ran but storing (or releasing) its
 	// outcome failed; the key stays in progress until its lease ends.
 	OutcomeNotStored Outcome = "not_stored"
+	// OutcomeNotReplicated: the handler ran and its outcome was stored on the
+	// Redis master, but fewer replicas than [WithReplicaAcks] asks
+	// acknowledged it before the complete timeout ended: a failover could
+	// lose it. The caller got the handler's answer.
+	OutcomeNotReplicated Outcome = "not_replicated"
 	// OutcomeReplayed: a repeat was answered with the stored outcome.
 	OutcomeReplayed Outcome = "replayed"
 	// OutcomeAlreadyProcessed: reject-repeats mode refused a repeat
@@ -111,7 +116,7 @@ func (s *server) emit(ctx context.Context, c *call) {
 		return
 	}
 	switch e.Outcome {
-	case OutcomeLeaseLost, OutcomeNotStored, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:
+	case OutcomeLeaseLost, OutcomeNotStored, OutcomeNotReplicated, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:
 		s.o.logger.LogAttrs(ctx, slog.LevelWarn, "idempotency: "+string(e.Outcome),
 			slog.String("method", e.Method), slog.String("key_hash", e.KeyHash),
 			slog.String("code", e.Code.String()), slog.Any("error", e.Err))

@@ -63,6 +63,9 @@ type RedisStore struct {
 	// store, so a hung Redis cannot hold a call past its deadline.
 	bounded bool
 	checked sync.Once
+	// replicas and ackTimeout: WithReplicaAcks (0: no acknowledgements).
+	replicas   int
+	ackTimeout time.Duration
 }
 
 // RedisOption configures a [RedisStore].
@@ -79,6 +82,30 @@ func WithKeyPrefix(prefix string) RedisOption {
 // turns the check off.
 func WithRedisLogger(l *slog.Logger) RedisOption {
 	return func(s *RedisStore) { s.logger = l }
+}
+
+// WithReplicaAcks makes the store wait, after each claim and each outcome
+// write, until at least replicas replicas have acknowledged it, for at most
+// timeout: Redis's WAIT, pipelined behind the script on the same connection
+// (on Cluster, the key's own master), so it costs no extra round trip when
+// the replicas keep up. A claim that too few replicas acknowledged is
+// released at once and the call is answered Unavailable (reason
+// STORE_NOT_REPLICATED) without running the handler; an outcome write that
+// too few acknowledged is retried until [WithCompleteTimeout] ends, then
+// reported as not_replicated with a warning. WAIT is no guarantee that a
+// failover keeps the write (see the README); it closes the common gap of a
+// master dying before its replica received the last writes. While the
+// replicas are unreachable every claim waits the whole timeout, replays
+// included. Default: no acknowledgements. Panics if replicas is below 1 or
+// timeout is not positive.
+func WithReplicaAcks(replicas int, timeout time.Duration) RedisOption {
+	if replicas < 1 {
+		badOption("WithReplicaAcks", replicas, "at least one replica must acknowledge")
+	}
+	if timeout <= 0 {
+		badOption("WithReplicaAcks", timeout, "the timeout must be positive (WAIT 0 would block forever)")
+	}
+	return func(s *RedisStore) { s.replicas, s.ackTimeout = replicas, timeout }
 }
 
 // NewRedisStore returns a store on client, typically a
@@ -136,7 +163,16 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 	if err := checkExpiry("lease", lease); err != nil {
 		return ClaimResult{}, err
 	}
-	res, err := s.run(ctx, claimScript, []string{s.prefix + key}, token, record, lease.Milliseconds()).Slice()
+	cmd, ackErr := s.runAcked(ctx, claimScript, s.prefix+key, token, record, lease.Milliseconds())
+	res, err := cmd.Slice()
+	if err == nil && ackErr != nil && len(res) == 1 && res[0] == int64(1) {
+		// Claimed, but a failover could lose the claim: free the key now
+		// (fenced by the token), and let the caller answer Unavailable.
+		if rerr := s.fenced(ctx, "release", releaseScript, key, token); rerr != nil && !errors.Is(rerr, ErrLeaseLost) {
+			return ClaimResult{}, fmt.Errorf("%w (and releasing the claim failed: %v)", ackErr, rerr)
+		}
+		return ClaimResult{}, ackErr
+	}
 	if err != nil {
 		if strings.Contains(err.Error(), "WRONGTYPE") {
 			// Something else wrote this key: it will never heal by retrying.
@@ -176,7 +212,20 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, record []b
 	if err := checkExpiry("ttl", ttl); err != nil {
 		return err
 	}
-	return s.fenced(ctx, "complete", completeScript, key, token, record, ttl.Milliseconds())
+	if s.replicas == 0 {
+		return s.fenced(ctx, "complete", completeScript, key, token, record, ttl.Milliseconds())
+	}
+	cmd, ackErr := s.runAcked(ctx, completeScript, s.prefix+key, token, record, ttl.Milliseconds())
+	n, err := cmd.Int()
+	switch {
+	case err != nil:
+		return fmt.Errorf("idempotency: redis complete: %w", err)
+	case n == 0:
+		return ErrLeaseLost
+	}
+	// Stored on the master; a retry of an unacknowledged write rewrites its
+	// TTL (complete.lua), so its WAIT waits for a write of its own.
+	return ackErr
 }
 
 // Release implements [Store.Release].
@@ -225,4 +274,83 @@ func (s *RedisStore) Delete(ctx context.Context, key string) error {
 		return ErrNoRecord
 	}
 	return nil
+}
+
+type pipeliner interface {
+	Pipeline() redis.Pipeliner
+}
+
+type masterForKey interface {
+	MasterForKey(ctx context.Context, key string) (*redis.Client, error)
+}
+
+// runAcked runs script on key and, with WithReplicaAcks, pipelines a WAIT
+// behind it on the same connection (the key's master on Cluster). ackErr
+// wraps ErrNotReplicated when fewer replicas than asked acknowledged.
+func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key string, args ...any) (cmd *redis.Cmd, ackErr error) {
+	if s.replicas == 0 {
+		return s.run(ctx, script, []string{key}, args...), nil
+	}
+	if s.logger != nil {
+		s.checked.Do(func() { go s.logConfig() })
+	}
+	var p redis.Pipeliner
+	switch c := s.client.(type) {
+	case masterForKey:
+		m, err := c.MasterForKey(ctx, key)
+		if err != nil {
+			cmd = redis.NewCmd(ctx)
+			cmd.SetErr(fmt.Errorf("finding the master of the key: %w", err))
+			return cmd, nil
+		}
+		p = m.Pipeline()
+	case pipeliner:
+		p = c.Pipeline()
+	default:
+		cmd = redis.NewCmd(ctx)
+		cmd.SetErr(fmt.Errorf("WithReplicaAcks needs a client that can pipeline, not %T", s.client))
+		return cmd, nil
+	}
+	exec := func(eval bool) (*redis.Cmd, *redis.Cmd) {
+		var c *redis.Cmd
+		if eval {
+			c = script.Eval(ctx, p, []string{key}, args...)
+		} else {
+			c = script.EvalSha(ctx, p, []string{key}, args...)
+		}
+		w := p.Do(ctx, "WAIT", s.replicas, max(s.ackTimeout.Milliseconds(), 1))
+		_, _ = p.Exec(ctx)
+		return c, w
+	}
+	var wait *redis.Cmd
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		cmd, wait = exec(false)
+		if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
+			cmd, wait = exec(true) // loads it into the script cache too
+		}
+	}()
+	if s.bounded || ctx.Done() == nil {
+		<-done
+	} else {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			cmd = redis.NewCmd(ctx)
+			cmd.SetErr(ctx.Err())
+			return cmd, nil
+		}
+	}
+	if cmd.Err() != nil {
+		return cmd, nil
+	}
+	acks, err := wait.Int64()
+	switch {
+	case err != nil:
+		return cmd, fmt.Errorf("%w: WAIT failed: %v", ErrNotReplicated, err)
+	case acks < int64(s.replicas):
+		return cmd, fmt.Errorf("%w: %d of %d replicas acknowledged within %v", ErrNotReplicated, acks, s.replicas, s.ackTimeout)
+	}
+	return cmd, nil
 }

@@ -9,6 +9,9 @@
 -- had expired with nobody else claiming the key, 0 when another token owns
 -- or completed it.
 if redis.call('HGET', KEYS[1], 'done') == ARGV[1] then
+  -- A retry (its first reply lost, or too few replicas acknowledged it):
+  -- rewrite the TTL, a write of this connection's own for a WAIT after it.
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return 1
 end
 local tok = redis.call('HGET', KEYS[1], 'tok')
