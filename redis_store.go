@@ -322,20 +322,24 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 		_, _ = p.Exec(ctx)
 		return c, w
 	}
-	var wait *redis.Cmd
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		cmd, wait = exec(false)
-		if redis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
-			cmd, wait = exec(true) // loads it into the script cache too
+	both := func() (*redis.Cmd, *redis.Cmd) {
+		c, w := exec(false)
+		if redis.HasErrorPrefix(c.Err(), "NOSCRIPT") {
+			c, w = exec(true) // loads it into the script cache too
 		}
-	}()
+		return c, w
+	}
+	var wait *redis.Cmd
 	if s.bounded || ctx.Done() == nil {
-		<-done
+		cmd, wait = both()
 	} else {
+		// The client would not bound the pipeline by ctx: bound it here.
+		type result struct{ c, w *redis.Cmd }
+		done := make(chan result, 1)
+		go func() { c, w := both(); done <- result{c, w} }()
 		select {
-		case <-done:
+		case r := <-done:
+			cmd, wait = r.c, r.w
 		case <-ctx.Done():
 			cmd = redis.NewCmd(ctx)
 			cmd.SetErr(ctx.Err())
