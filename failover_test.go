@@ -23,7 +23,6 @@ type sentinelSetup struct {
 	master   *redisServer
 	replica  *redisServer
 	sentinel string // address
-	dirs     []string
 }
 
 const sentinelMaster = "mymaster"
