@@ -35,7 +35,7 @@ func TestLookupAndForget(t *testing.T) {
 			_, err := env.client.Do(ctx, &testingv1.DoRequest{})
 			done <- err
 		}()
-		<-started
+		waitStarted(t, started)
 		info, err := Lookup(ctx, admin, methodDo, "", "stuck")
 		if err != nil || info.State != "in_progress" || info.TTL <= 0 || info.TTL > time.Minute || info.Created.IsZero() {
 			t.Fatalf("Lookup of a running call = %+v, %v; want in_progress with a lease of at most 1m", info, err)
@@ -99,7 +99,7 @@ func TestForgottenRecordIsNotWrittenBack(t *testing.T) {
 					_, err := env.client.Do(ctx, &testingv1.DoRequest{})
 					done <- err
 				}()
-				<-started
+				waitStarted(t, started)
 				if err := Forget(ctx, admin, methodDo, "", "forgotten"); err != nil {
 					t.Fatal(err)
 				}

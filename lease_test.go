@@ -66,6 +66,17 @@ func blockingFirstRun(started, release chan struct{}) func(context.Context, *tes
 	}
 }
 
+// waitStarted waits for a handler to signal started, failing the test
+// rather than hanging if it never does (its call failed first).
+func waitStarted(t *testing.T, started <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-started:
+	case <-time.After(testTimeout):
+		t.Fatalf("the handler never started within %v", testTimeout)
+	}
+}
+
 // waitUntil polls cond until it holds, failing the test after testTimeout.
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -127,7 +138,7 @@ func TestLeaseSurvivesOutageOfTwoRenewals(t *testing.T) {
 			_, err := env.client.Do(ctx, &testingv1.DoRequest{Id: "a"})
 			first <- err
 		}()
-		<-started
+		waitStarted(t, started)
 		waitUntil(t, "the first renewal succeeds", func() bool { return len(renewals()) >= 1 })
 		renewed := renewals()[0]
 		down.Store(true)
@@ -182,7 +193,7 @@ func TestLeaseTakenBackWhenKeyVanished(t *testing.T) {
 			}
 			first <- r
 		}()
-		<-started
+		waitStarted(t, started)
 		b.expire(StoreKey(methodDo, "", "vanished"))
 		waitUntil(t, "the keeper takes the key back", func() bool { return tookBack.Load() >= 1 })
 		_, err := env.client.Do(ctx, &testingv1.DoRequest{Id: "a"})

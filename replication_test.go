@@ -130,17 +130,23 @@ func TestReplicaAcksUnreplicatedOutcome(t *testing.T) {
 	p := newReplicaPair(t)
 	prefix := "acks:" + t.Name() + ":"
 	log, buf := bufferLogger()
-	store := NewRedisStore(p.masterRDB, WithKeyPrefix(prefix), WithReplicaAcks(1, 100*time.Millisecond), WithRedisLogger(nil))
+	// A healthy replica acknowledges well within the second, even on a
+	// busy machine; once frozen, every outcome write waits the second out.
+	store := NewRedisStore(p.masterRDB, WithKeyPrefix(prefix), WithReplicaAcks(1, time.Second), WithRedisLogger(nil))
 	started, release := make(chan struct{}), make(chan struct{})
 	env := newTestEnv(t, store, envConfig{svc: &testService{OnDo: blockingFirstRun(started, release)},
-		opts: []Option{WithCompleteTimeout(time.Second), WithLogger(log)}})
+		opts: []Option{WithCompleteTimeout(3 * time.Second), WithLogger(log)}})
 	ctx := testCtx(t)
 	done := make(chan error, 1)
 	go func() {
 		_, err := env.client.Do(withKey(ctx, "unacked-outcome"), &testingv1.DoRequest{})
 		done <- err
 	}()
-	<-started
+	select {
+	case <-started:
+	case err := <-done:
+		t.Fatalf("the call ended before its handler ran: %v", err)
+	}
 	thaw := p.freeze(t)
 	close(release)
 	if err := <-done; err != nil {
