@@ -26,9 +26,6 @@ type cacheEntry struct {
 }
 
 func newLocalCache(max int, maxAge time.Duration) *localCache {
-	if maxAge <= 0 {
-		maxAge = time.Minute
-	}
 	return &localCache{max: max, maxAge: maxAge, ll: list.New(), items: make(map[string]*list.Element)}
 }
 

@@ -182,10 +182,8 @@ func checkHeaderName(option, name string) {
 	if name == "" {
 		badOption(option, `""`, "the header name must not be empty: every call would look keyless and pass through unprotected")
 	}
-	for i := 0; i < len(name); i++ {
-		if c := name[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-			badOption(option, strconv.Quote(name), "a gRPC metadata key may hold only 0-9 a-z - _ .")
-		}
+	if !metadataKeyChars(name) {
+		badOption(option, strconv.Quote(name), "a gRPC metadata key may hold only 0-9 a-z - _ .")
 	}
 	if strings.HasPrefix(name, "grpc-") {
 		badOption(option, strconv.Quote(name), `the "grpc-" prefix is reserved by gRPC`)

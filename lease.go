@@ -31,7 +31,6 @@ type leaseKeeper struct {
 	stopped   bool
 	release   bool // stop asked for the key to be released
 	tookBack  bool // a take-back claim was sent; it may land after a release
-	lost      bool // another call owns the key, or it was forgotten
 	forgotten bool // the record was deleted (Forget) while the call ran
 }
 
@@ -110,21 +109,16 @@ func (k *leaseKeeper) renewOnce(tryFor time.Duration) (ok, final bool) {
 	res, err := k.store.Claim(ctx, k.key, k.token, k.record, k.lease)
 	switch {
 	case errors.Is(err, ErrLeaseLost):
-		k.setLost(true)
+		k.mu.Lock()
+		k.forgotten = true // Forget fenced our token
+		k.mu.Unlock()
 		return false, true
 	case err != nil:
 		return false, false
 	case res.Claimed || ownsRecord(res.Record, k.token):
 		return true, false
 	}
-	k.setLost(false)
-	return false, true
-}
-
-func (k *leaseKeeper) setLost(forgotten bool) {
-	k.mu.Lock()
-	k.lost, k.forgotten = true, forgotten
-	k.mu.Unlock()
+	return false, true // another call owns the key
 }
 
 // exit ends the keeper. A take-back claim may have landed after the call

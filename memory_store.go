@@ -3,7 +3,6 @@ package idempotency
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"sync"
 	"time"
 )
@@ -68,17 +67,9 @@ func (s *MemoryStore) sweep() {
 	}
 }
 
-// memCheckExpiry refuses a lease or TTL below 1ms, as every store must.
-func memCheckExpiry(what string, d time.Duration) error {
-	if d < time.Millisecond {
-		return fmt.Errorf("idempotency: memory store %s of %v is below 1ms; nothing was written", what, d)
-	}
-	return nil
-}
-
 // Claim implements [Store.Claim].
 func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error) {
-	if err := memCheckExpiry("lease", lease); err != nil {
+	if err := checkExpiry("memory store", "lease", lease); err != nil {
 		return ClaimResult{}, err
 	}
 	s.mu.Lock()
@@ -98,7 +89,7 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte,
 
 // Renew implements [Store.Renew].
 func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Duration) error {
-	if err := memCheckExpiry("lease", lease); err != nil {
+	if err := checkExpiry("memory store", "lease", lease); err != nil {
 		return err
 	}
 	s.mu.Lock()
@@ -113,7 +104,7 @@ func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Dur
 
 // Complete implements [Store.Complete].
 func (s *MemoryStore) Complete(_ context.Context, key, token string, record []byte, ttl time.Duration) error {
-	if err := memCheckExpiry("ttl", ttl); err != nil {
+	if err := checkExpiry("memory store", "ttl", ttl); err != nil {
 		return err
 	}
 	s.mu.Lock()

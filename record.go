@@ -94,15 +94,21 @@ func checkMetadata(entries []*idempotencyv1.MetadataEntry) error {
 // so those are stored and replayed as sent; a control character makes the
 // client's HTTP/2 layer refuse the whole response, so such a value never
 // reached the client the first time.
-func checkEntry(e *idempotencyv1.MetadataEntry) error {
-	k := e.GetKey()
-	if k == "" || strings.HasPrefix(k, "grpc-") {
-		return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
-	}
+// metadataKeyChars reports whether k holds only the characters gRPC allows
+// in a metadata key: 0-9 a-z - _ .
+func metadataKeyChars(k string) bool {
 	for i := 0; i < len(k); i++ {
 		if c := k[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-			return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
+			return false
 		}
+	}
+	return true
+}
+
+func checkEntry(e *idempotencyv1.MetadataEntry) error {
+	k := e.GetKey()
+	if k == "" || strings.HasPrefix(k, "grpc-") || !metadataKeyChars(k) {
+		return fmt.Errorf("%w: metadata key %q", ErrCorruptRecord, k)
 	}
 	if strings.HasSuffix(k, "-bin") {
 		return nil

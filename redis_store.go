@@ -149,18 +149,9 @@ func (s *RedisStore) run(ctx context.Context, script *redis.Script, keys []strin
 	}
 }
 
-// checkExpiry refuses a lease or TTL Redis cannot express: PEXPIRE with 0
-// deletes the key at once, and a negative value is an error.
-func checkExpiry(what string, d time.Duration) error {
-	if d < time.Millisecond {
-		return fmt.Errorf("idempotency: redis %s of %v: the least Redis can keep is 1ms; nothing was written", what, d)
-	}
-	return nil
-}
-
 // Claim implements [Store.Claim] with one script call.
 func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte, lease time.Duration) (ClaimResult, error) {
-	if err := checkExpiry("lease", lease); err != nil {
+	if err := checkExpiry("redis", "lease", lease); err != nil {
 		return ClaimResult{}, err
 	}
 	cmd, ackErr := s.runAcked(ctx, claimScript, s.prefix+key, token, record, lease.Milliseconds())
@@ -201,7 +192,7 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 
 // Renew implements [Store.Renew].
 func (s *RedisStore) Renew(ctx context.Context, key, token string, lease time.Duration) error {
-	if err := checkExpiry("lease", lease); err != nil {
+	if err := checkExpiry("redis", "lease", lease); err != nil {
 		return err
 	}
 	return s.fenced(ctx, "renew", renewScript, key, token, lease.Milliseconds())
@@ -209,7 +200,7 @@ func (s *RedisStore) Renew(ctx context.Context, key, token string, lease time.Du
 
 // Complete implements [Store.Complete].
 func (s *RedisStore) Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error {
-	if err := checkExpiry("ttl", ttl); err != nil {
+	if err := checkExpiry("redis", "ttl", ttl); err != nil {
 		return err
 	}
 	if s.replicas == 0 {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"time"
 )
 
@@ -55,6 +56,16 @@ type Store interface {
 	// lease. It returns ErrLeaseLost, deleting nothing, if another token owns
 	// the key, the key holds a completed record, or token was fenced off.
 	Release(ctx context.Context, key, token string) error
+}
+
+// checkExpiry refuses, for every store, a lease or TTL below 1ms: Redis
+// counts in milliseconds, and PEXPIRE 0 deletes the key at once, which would
+// let every concurrent duplicate run.
+func checkExpiry(store, what string, d time.Duration) error {
+	if d < time.Millisecond {
+		return fmt.Errorf("idempotency: %s: a %s of %v is below 1ms, the least a store keeps; nothing was written", store, what, d)
+	}
+	return nil
 }
 
 // ClaimResult is the answer of [Store.Claim].
