@@ -58,16 +58,22 @@ func freePort(t testing.TB) int {
 // startRedisServer starts a redis-server on a free loopback port with its
 // data in dir, plus extra arguments, and waits until it answers PING.
 func startRedisServer(dir string, port int, extra ...string) (*redisServer, error) {
+	return startServerBinary("redis-server", dir, port, extra...)
+}
+
+// startServerBinary is startRedisServer for another binary speaking the
+// same protocol and flags (valkey-server).
+func startServerBinary(binary, dir string, port int, extra ...string) (*redisServer, error) {
 	args := append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--dir", dir,
 		"--save", "", "--appendonly", "no", "--protected-mode", "no"}, extra...)
-	cmd := exec.Command("redis-server", args...)
+	cmd := exec.Command(binary, args...)
 	logf, err := os.Create(filepath.Join(dir, fmt.Sprintf("redis-%d.log", port)))
 	if err != nil {
 		return nil, err
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start redis-server: %w", err)
+		return nil, fmt.Errorf("start %s: %w", binary, err)
 	}
 	srv := &redisServer{Addr: fmt.Sprintf("127.0.0.1:%d", port), cmd: cmd, dir: dir, port: port}
 	c := redis.NewClient(&redis.Options{Addr: srv.Addr, MaxRetries: -1})
@@ -82,7 +88,7 @@ func startRedisServer(dir string, port int, extra ...string) (*redisServer, erro
 		}
 		if time.Now().After(deadline) {
 			srv.Stop()
-			return nil, fmt.Errorf("redis-server on %s did not answer PING: %v", srv.Addr, err)
+			return nil, fmt.Errorf("%s on %s did not answer PING: %v", binary, srv.Addr, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

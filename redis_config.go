@@ -3,6 +3,7 @@ package idempotency
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -33,6 +34,8 @@ func contextTimeoutEnabled(client redis.Scripter) int {
 
 type configGetter interface {
 	ConfigGet(ctx context.Context, parameter string) *redis.MapStringStringCmd
+	Info(ctx context.Context, section ...string) *redis.StringCmd
+	Do(ctx context.Context, args ...any) *redis.Cmd
 }
 
 type masterIterator interface {
@@ -45,15 +48,19 @@ type masterIterator interface {
 //   - a maxmemory-policy other than noeviction, on any master: Redis may then
 //     evict records, in-progress claims included, and a retry of an evicted
 //     key runs the handler again;
-//   - a server that refuses CONFIG GET (as some managed services do), so the
-//     policy could not be checked;
+//   - with [WithReplicaAcks] or [WithFsyncAcks], a master with fewer
+//     connected replicas than asked, so that every claim would be refused;
+//   - with WithFsyncAcks, a master without WAITAOF (Redis before 7.2) or
+//     with appendonly no, which refuses every claim;
+//   - a server that refuses CONFIG GET or INFO (as some managed services
+//     do), so the settings could not be checked;
 //   - a go-redis client created without ContextTimeoutEnabled, which waits
 //     for its own ReadTimeout instead of the deadlines the interceptor sets
 //     (the store then bounds every call itself, with a goroutine per call).
 //
-// The store runs it once, in the background, on first use, and logs each
-// warning at Warn (see [WithRedisLogger]); call it at startup to fail fast
-// instead.
+// The store runs it once, in the background, on first use (at construction
+// with WithFsyncAcks), and logs each warning at Warn (see
+// [WithRedisLogger]); call it at startup to fail fast instead.
 func (s *RedisStore) CheckConfig(ctx context.Context) []string {
 	var warnings []string
 	switch contextTimeoutEnabled(s.client) {
@@ -63,23 +70,24 @@ func (s *RedisStore) CheckConfig(ctx context.Context) []string {
 		// A wrapper of unknown type: the store bounds its calls itself, and
 		// that is all that matters; nothing to tell.
 	}
-	policies, err := s.bound(ctx, s.evictionPolicies)
-	switch {
-	case err != nil:
-		warnings = append(warnings, fmt.Sprintf("could not check maxmemory-policy (%v): make sure it is noeviction, or Redis may evict idempotency records, in-progress claims included, and a retry of an evicted key runs the handler again", err))
-	case len(policies) > 0:
-		warnings = append(warnings, strings.Join(policies, "; ")+": Redis may evict idempotency records, in-progress claims included, when it reaches maxmemory, and a retry of an evicted key runs the handler again. Set maxmemory-policy noeviction")
+	problems, err := s.bound(ctx, s.masterProblems)
+	if err != nil {
+		warnings = append(warnings, fmt.Sprintf("could not check the servers' settings (%v): make sure maxmemory-policy is noeviction, or Redis may evict idempotency records, in-progress claims included, and a retry of an evicted key runs the handler again", err))
 	}
-	return warnings
+	return append(warnings, problems...)
 }
 
-// evictionPolicies returns a description of every master whose
-// maxmemory-policy is not noeviction.
-func (s *RedisStore) evictionPolicies(ctx context.Context) ([]string, error) {
+// masterProblems checks every master's settings (see CheckConfig).
+func (s *RedisStore) masterProblems(ctx context.Context) ([]string, error) {
 	var (
 		mu       sync.Mutex
-		policies []string
+		problems []string
 	)
+	report := func(format string, args ...any) {
+		mu.Lock()
+		problems = append(problems, fmt.Sprintf(format, args...))
+		mu.Unlock()
+	}
 	check := func(ctx context.Context, c configGetter, where string) error {
 		m, err := c.ConfigGet(ctx, "maxmemory-policy").Result()
 		if err != nil {
@@ -94,9 +102,30 @@ func (s *RedisStore) evictionPolicies(ctx context.Context) ([]string, error) {
 			if mm, err := c.ConfigGet(ctx, "maxmemory").Result(); err == nil {
 				max = mm["maxmemory"]
 			}
-			mu.Lock()
-			policies = append(policies, fmt.Sprintf("%s has maxmemory-policy %s (maxmemory %s)", where, p, max))
-			mu.Unlock()
+			report("%s has maxmemory-policy %s (maxmemory %s): Redis may evict idempotency records, in-progress claims included, when it reaches maxmemory, and a retry of an evicted key runs the handler again. Set maxmemory-policy noeviction", where, p, max)
+		}
+		if s.acks.none() {
+			return nil
+		}
+		info, err := c.Info(ctx, "replication").Result()
+		if err != nil {
+			return err
+		}
+		if n := infoInt(info, "connected_slaves"); n >= 0 && n < s.acks.replicas {
+			report("%s has %d connected replicas but %s asks for %d: every claim will be refused (Unavailable, STORE_NOT_REPLICATED)", where, n, s.acks.option, s.acks.replicas)
+		}
+		if !s.acks.fsync {
+			return nil
+		}
+		// COMMAND INFO answers [nil] for a command the server lacks.
+		if ci, err := c.Do(ctx, "COMMAND", "INFO", "WAITAOF").Slice(); err != nil || len(ci) != 1 || ci[0] == nil {
+			report("%s does not support WAITAOF (Redis 7.2 or later, or Valkey, is needed): WithFsyncAcks cannot be honoured and every claim will be refused (Unavailable, STORE_NOT_REPLICATED). Upgrade, or use WithReplicaAcks", where)
+			return nil
+		}
+		if m, err := c.ConfigGet(ctx, "appendonly").Result(); err != nil {
+			return err
+		} else if m["appendonly"] != "yes" {
+			report("%s has appendonly %s: WAITAOF needs appendonly yes, so WithFsyncAcks cannot be honoured and every claim will be refused (Unavailable, STORE_NOT_REPLICATED)", where, m["appendonly"])
 		}
 		return nil
 	}
@@ -111,7 +140,19 @@ func (s *RedisStore) evictionPolicies(ctx context.Context) ([]string, error) {
 	default:
 		err = fmt.Errorf("the client (%T) cannot send CONFIG GET", s.client)
 	}
-	return policies, err
+	return problems, err
+}
+
+// infoInt reads an integer field from an INFO reply; -1 if absent.
+func infoInt(info, field string) int {
+	for _, line := range strings.Split(info, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), field+":"); ok {
+			if n, err := strconv.Atoi(v); err == nil {
+				return n
+			}
+		}
+	}
+	return -1
 }
 
 // bound runs f, returning when ctx ends even if the client ignores it.
@@ -133,6 +174,14 @@ func (s *RedisStore) bound(ctx context.Context, f func(context.Context) ([]strin
 		return r.v, r.err
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	}
+}
+
+// firstUse starts, once per store, the background check of the servers'
+// settings (logConfig), unless logging is off.
+func (s *RedisStore) firstUse() {
+	if s.logger != nil {
+		s.checked.Do(func() { go s.logConfig() })
 	}
 }
 

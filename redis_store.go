@@ -63,9 +63,8 @@ type RedisStore struct {
 	// store, so a hung Redis cannot hold a call past its deadline.
 	bounded bool
 	checked sync.Once
-	// replicas and ackTimeout: WithReplicaAcks (0: no acknowledgements).
-	replicas   int
-	ackTimeout time.Duration
+	// acks: WithReplicaAcks or WithFsyncAcks (zero: no acknowledgements).
+	acks acks
 }
 
 // RedisOption configures a [RedisStore].
@@ -84,30 +83,6 @@ func WithRedisLogger(l *slog.Logger) RedisOption {
 	return func(s *RedisStore) { s.logger = l }
 }
 
-// WithReplicaAcks makes the store wait, after each claim and each outcome
-// write, until at least replicas replicas have acknowledged it, for at most
-// timeout: Redis's WAIT, pipelined behind the script on the same connection
-// (on Cluster, the key's own master), so it costs no extra round trip when
-// the replicas keep up. A claim that too few replicas acknowledged is
-// released at once and the call is answered Unavailable (reason
-// STORE_NOT_REPLICATED) without running the handler; an outcome write that
-// too few acknowledged is retried until [WithCompleteTimeout] ends, then
-// reported as not_replicated with a warning. WAIT is no guarantee that a
-// failover keeps the write (see the README); it closes the common gap of a
-// master dying before its replica received the last writes. While the
-// replicas are unreachable every claim waits the whole timeout, replays
-// included. Default: no acknowledgements. Panics if replicas is below 1 or
-// timeout is not positive.
-func WithReplicaAcks(replicas int, timeout time.Duration) RedisOption {
-	if replicas < 1 {
-		badOption("WithReplicaAcks", replicas, "at least one replica must acknowledge")
-	}
-	if timeout <= 0 {
-		badOption("WithReplicaAcks", timeout, "the timeout must be positive (WAIT 0 would block forever)")
-	}
-	return func(s *RedisStore) { s.replicas, s.ackTimeout = replicas, timeout }
-}
-
 // NewRedisStore returns a store on client, typically a
 // redis.UniversalClient: a *redis.Client, a Sentinel failover client or a
 // *redis.ClusterClient all work. Create the client with
@@ -123,6 +98,10 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 		}
 	}
 	s.bounded = contextTimeoutEnabled(client) == 1
+	if s.acks.fsync && s.logger != nil {
+		// Say at once whether the servers can honour WithFsyncAcks.
+		s.firstUse()
+	}
 	return s
 }
 
@@ -131,9 +110,7 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 // caller treats an error as "maybe applied", as it must for any network
 // error.
 func (s *RedisStore) run(ctx context.Context, script *redis.Script, keys []string, args ...any) *redis.Cmd {
-	if s.logger != nil {
-		s.checked.Do(func() { go s.logConfig() })
-	}
+	s.firstUse()
 	if s.bounded || ctx.Done() == nil {
 		return script.Run(ctx, s.client, keys, args...)
 	}
@@ -203,7 +180,7 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, record []b
 	if err := checkExpiry("redis", "ttl", ttl); err != nil {
 		return err
 	}
-	if s.replicas == 0 {
+	if s.acks.none() {
 		return s.fenced(ctx, "complete", completeScript, key, token, record, ttl.Milliseconds())
 	}
 	cmd, ackErr := s.runAcked(ctx, completeScript, s.prefix+key, token, record, ttl.Milliseconds())
@@ -265,87 +242,4 @@ func (s *RedisStore) Delete(ctx context.Context, key string) error {
 		return ErrNoRecord
 	}
 	return nil
-}
-
-type pipeliner interface {
-	Pipeline() redis.Pipeliner
-}
-
-type masterForKey interface {
-	MasterForKey(ctx context.Context, key string) (*redis.Client, error)
-}
-
-// runAcked runs script on key and, with WithReplicaAcks, pipelines a WAIT
-// behind it on the same connection (the key's master on Cluster). ackErr
-// wraps ErrNotReplicated when fewer replicas than asked acknowledged.
-func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key string, args ...any) (cmd *redis.Cmd, ackErr error) {
-	if s.replicas == 0 {
-		return s.run(ctx, script, []string{key}, args...), nil
-	}
-	if s.logger != nil {
-		s.checked.Do(func() { go s.logConfig() })
-	}
-	var p redis.Pipeliner
-	switch c := s.client.(type) {
-	case masterForKey:
-		m, err := c.MasterForKey(ctx, key)
-		if err != nil {
-			cmd = redis.NewCmd(ctx)
-			cmd.SetErr(fmt.Errorf("finding the master of the key: %w", err))
-			return cmd, nil
-		}
-		p = m.Pipeline()
-	case pipeliner:
-		p = c.Pipeline()
-	default:
-		cmd = redis.NewCmd(ctx)
-		cmd.SetErr(fmt.Errorf("WithReplicaAcks needs a client that can pipeline, not %T", s.client))
-		return cmd, nil
-	}
-	exec := func(eval bool) (*redis.Cmd, *redis.Cmd) {
-		var c *redis.Cmd
-		if eval {
-			c = script.Eval(ctx, p, []string{key}, args...)
-		} else {
-			c = script.EvalSha(ctx, p, []string{key}, args...)
-		}
-		w := p.Do(ctx, "WAIT", s.replicas, max(s.ackTimeout.Milliseconds(), 1))
-		_, _ = p.Exec(ctx)
-		return c, w
-	}
-	both := func() (*redis.Cmd, *redis.Cmd) {
-		c, w := exec(false)
-		if redis.HasErrorPrefix(c.Err(), "NOSCRIPT") {
-			c, w = exec(true) // loads it into the script cache too
-		}
-		return c, w
-	}
-	var wait *redis.Cmd
-	if s.bounded || ctx.Done() == nil {
-		cmd, wait = both()
-	} else {
-		// The client would not bound the pipeline by ctx: bound it here.
-		type result struct{ c, w *redis.Cmd }
-		done := make(chan result, 1)
-		go func() { c, w := both(); done <- result{c, w} }()
-		select {
-		case r := <-done:
-			cmd, wait = r.c, r.w
-		case <-ctx.Done():
-			cmd = redis.NewCmd(ctx)
-			cmd.SetErr(ctx.Err())
-			return cmd, nil
-		}
-	}
-	if cmd.Err() != nil {
-		return cmd, nil
-	}
-	acks, err := wait.Int64()
-	switch {
-	case err != nil:
-		return cmd, fmt.Errorf("%w: WAIT failed: %v", ErrNotReplicated, err)
-	case acks < int64(s.replicas):
-		return cmd, fmt.Errorf("%w: %d of %d replicas acknowledged within %v", ErrNotReplicated, acks, s.replicas, s.ackTimeout)
-	}
-	return cmd, nil
 }

@@ -1,0 +1,194 @@
+package idempotency
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// acks is what a RedisStore waits for after each claim and outcome write.
+type acks struct {
+	fsync    bool // WAITAOF 1 replicas timeout, instead of WAIT replicas timeout
+	replicas int
+	timeout  time.Duration
+	option   string // the option that set it, for messages
+}
+
+func (a acks) none() bool { return a.option == "" }
+
+// command is the acknowledgement command to pipeline behind a script.
+func (a acks) command() []any {
+	ms := max(a.timeout.Milliseconds(), 1)
+	if a.fsync {
+		return []any{"WAITAOF", 1, a.replicas, ms}
+	}
+	return []any{"WAIT", a.replicas, ms}
+}
+
+// check reads the reply of command: nil when enough acknowledged, else an
+// error wrapping ErrNotReplicated.
+func (a acks) check(reply *redis.Cmd) error {
+	if a.fsync {
+		n, err := reply.Int64Slice()
+		switch {
+		case err != nil:
+			return fmt.Errorf("%w: WAITAOF failed: %v", ErrNotReplicated, err)
+		case len(n) != 2:
+			return fmt.Errorf("%w: WAITAOF replied %v", ErrNotReplicated, n)
+		case n[0] < 1:
+			return fmt.Errorf("%w: the master did not fsync its AOF within %v", ErrNotReplicated, a.timeout)
+		case n[1] < int64(a.replicas):
+			return fmt.Errorf("%w: %d of %d replicas fsynced within %v", ErrNotReplicated, n[1], a.replicas, a.timeout)
+		}
+		return nil
+	}
+	n, err := reply.Int64()
+	switch {
+	case err != nil:
+		return fmt.Errorf("%w: WAIT failed: %v", ErrNotReplicated, err)
+	case n < int64(a.replicas):
+		return fmt.Errorf("%w: %d of %d replicas acknowledged within %v", ErrNotReplicated, n, a.replicas, a.timeout)
+	}
+	return nil
+}
+
+func setAcks(option string, a acks) RedisOption {
+	a.option = option
+	return func(s *RedisStore) {
+		if !s.acks.none() && s.acks.option != option {
+			badOption(option, a.replicas, fmt.Sprintf("%s was given too: choose one (WithFsyncAcks(n, ...) already waits for n replicas, fsynced)", s.acks.option))
+		}
+		s.acks = a
+	}
+}
+
+// WithReplicaAcks makes the store wait, after each claim and each outcome
+// write, until at least replicas replicas have acknowledged it, for at most
+// timeout: Redis's WAIT, pipelined behind the script on the same connection
+// (on Cluster, the key's own master), so it costs no extra round trip when
+// the replicas keep up. A claim that too few replicas acknowledged is
+// released at once and the call is answered Unavailable (reason
+// STORE_NOT_REPLICATED) without running the handler; an outcome write that
+// too few acknowledged is retried until [WithCompleteTimeout] ends, then
+// reported as not_replicated with a warning (a failover may then lose it,
+// and the key run again once its replicated claim's lease ends). WAIT is no
+// guarantee that a failover keeps the write (see docs/RELIABILITY.md); it
+// closes the common gap of a master dying before its replica received the
+// last writes. While the replicas are unreachable every claim waits the
+// whole timeout, replays included. Renewals are not acknowledged: keep the
+// lease longer than a failover takes. Default: no acknowledgements. Panics
+// if replicas is below 1 or timeout is not positive; NewRedisStore panics if
+// [WithFsyncAcks] is given too.
+func WithReplicaAcks(replicas int, timeout time.Duration) RedisOption {
+	if replicas < 1 {
+		badOption("WithReplicaAcks", replicas, "at least one replica must acknowledge")
+	}
+	if timeout <= 0 {
+		badOption("WithReplicaAcks", timeout, "the timeout must be positive (WAIT 0 would block forever)")
+	}
+	return setAcks("WithReplicaAcks", acks{replicas: replicas, timeout: timeout})
+}
+
+// WithFsyncAcks is [WithReplicaAcks] with fsync: after each claim and each
+// outcome write the store waits, for at most timeout, until the master has
+// written it to its append-only file and fsynced it, and at least replicas
+// replicas (0 for none) have done the same: Redis's WAITAOF, pipelined the
+// same way. It protects against a restart of the master as well as a
+// failover, with appendfsync everysec, which alone may lose the last second
+// of writes. What happens when too few acknowledge is as for
+// WithReplicaAcks.
+//
+// It needs Redis 7.2 or later (or Valkey) with appendonly yes on every
+// master. An older server, or appendonly no, refuses WAITAOF, so every claim
+// is released and refused (Unavailable, STORE_NOT_REPLICATED): nothing runs
+// unprotected. NewRedisStore checks the servers at once, in the background,
+// and logs what is wrong (see [WithRedisLogger]); call
+// [RedisStore.CheckConfig] at startup to fail fast instead. Panics if
+// replicas is negative or timeout is not positive; NewRedisStore panics if
+// WithReplicaAcks is given too.
+func WithFsyncAcks(replicas int, timeout time.Duration) RedisOption {
+	if replicas < 0 {
+		badOption("WithFsyncAcks", replicas, "the number of replicas must not be negative")
+	}
+	if timeout <= 0 {
+		badOption("WithFsyncAcks", timeout, "the timeout must be positive (WAITAOF 0 would block forever)")
+	}
+	return setAcks("WithFsyncAcks", acks{fsync: true, replicas: replicas, timeout: timeout})
+}
+
+type pipeliner interface {
+	Pipeline() redis.Pipeliner
+}
+
+type masterForKey interface {
+	MasterForKey(ctx context.Context, key string) (*redis.Client, error)
+}
+
+// runAcked runs script on key and, with WithReplicaAcks or WithFsyncAcks,
+// pipelines the acknowledgement command behind it on the same connection
+// (the key's master on Cluster). ackErr wraps ErrNotReplicated when too few
+// acknowledged.
+func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key string, args ...any) (cmd *redis.Cmd, ackErr error) {
+	if s.acks.none() {
+		return s.run(ctx, script, []string{key}, args...), nil
+	}
+	s.firstUse()
+	var p redis.Pipeliner
+	switch c := s.client.(type) {
+	case masterForKey:
+		m, err := c.MasterForKey(ctx, key)
+		if err != nil {
+			cmd = redis.NewCmd(ctx)
+			cmd.SetErr(fmt.Errorf("finding the master of the key: %w", err))
+			return cmd, nil
+		}
+		p = m.Pipeline()
+	case pipeliner:
+		p = c.Pipeline()
+	default:
+		cmd = redis.NewCmd(ctx)
+		cmd.SetErr(fmt.Errorf("%s needs a client that can pipeline, not %T", s.acks.option, s.client))
+		return cmd, nil
+	}
+	exec := func(eval bool) (*redis.Cmd, *redis.Cmd) {
+		var c *redis.Cmd
+		if eval {
+			c = script.Eval(ctx, p, []string{key}, args...)
+		} else {
+			c = script.EvalSha(ctx, p, []string{key}, args...)
+		}
+		w := p.Do(ctx, s.acks.command()...)
+		_, _ = p.Exec(ctx)
+		return c, w
+	}
+	both := func() (*redis.Cmd, *redis.Cmd) {
+		c, w := exec(false)
+		if redis.HasErrorPrefix(c.Err(), "NOSCRIPT") {
+			c, w = exec(true) // loads it into the script cache too
+		}
+		return c, w
+	}
+	var wait *redis.Cmd
+	if s.bounded || ctx.Done() == nil {
+		cmd, wait = both()
+	} else {
+		// The client would not bound the pipeline by ctx: bound it here.
+		type result struct{ c, w *redis.Cmd }
+		done := make(chan result, 1)
+		go func() { c, w := both(); done <- result{c, w} }()
+		select {
+		case r := <-done:
+			cmd, wait = r.c, r.w
+		case <-ctx.Done():
+			cmd = redis.NewCmd(ctx)
+			cmd.SetErr(ctx.Err())
+			return cmd, nil
+		}
+	}
+	if cmd.Err() != nil {
+		return cmd, nil
+	}
+	return cmd, s.acks.check(wait)
+}
