@@ -810,3 +810,46 @@ func BenchmarkCoalescing(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkReplicaAcks measures what acknowledgements cost per call on a
+// master with one local replica: the call through the interceptor with
+// WithReplicaAcks(1) (redis-server) or WithFsyncAcks(1) (valkey-server,
+// appendonly yes, appendfsync everysec on both) against the same call with
+// no acknowledgements, on the same pair, timed in alternating blocks
+// (paired). It reports the acknowledged call's median, the ratio to the
+// unacknowledged one (x-no-acks) and the difference in PING round trips
+// (extra-rtt/op). The acknowledgement rides in the script's pipeline, so
+// the round-trip count does not change; what it adds is the wait for the
+// replica (and the fsyncs).
+func BenchmarkReplicaAcks(b *testing.B) {
+	for _, server := range []string{"redis-server", "valkey-server"} {
+		for _, path := range []string{"first", "replay"} {
+			b.Run(server+"/"+path, func(b *testing.B) {
+				b.ReportAllocs()
+				var extra []string
+				ack := WithReplicaAcks(1, 5*time.Second)
+				if server == "valkey-server" {
+					extra = []string{"--appendonly", "yes", "--appendfsync", "everysec"}
+					ack = WithFsyncAcks(1, 5*time.Second)
+				}
+				pair := startReplicaPair(b, server, false, extra...)
+				rt := &roundTrips{}
+				pair.masterRDB.AddHook(rt)
+				prefix := "bench-acks:"
+				plain := newBenchEnv(b, NewRedisStore(pair.masterRDB, WithKeyPrefix(prefix), WithRedisLogger(nil)), nil)
+				acked := newBenchEnv(b, NewRedisStore(pair.masterRDB, WithKeyPrefix(prefix), ack, WithRedisLogger(nil)), nil)
+				plainKey, ackedKey := warmUp(b, plain, path), warmUp(b, acked, path)
+				call := acked.call(benchReq, ackedKey)
+				m := startMeter(b, rt)
+				runCalls(b, call)
+				m.stop().report(b, true)
+				ping := func() error { return pair.masterRDB.Ping(context.Background()).Err() }
+				med := paired(b, min(b.N, pairedSamples), call, plain.call(benchReq, plainKey), ping)
+				b.ReportMetric(med[0].ns, "p50-ns/op")
+				b.ReportMetric(med[1].ns, "no-acks-p50-ns/op")
+				b.ReportMetric(med[0].ns/med[1].ns, "x-no-acks")
+				b.ReportMetric((med[0].ns-med[1].ns)/med[2].ns, "extra-rtt/op")
+			})
+		}
+	}
+}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -33,7 +32,7 @@ func requireValkey(t testing.TB) {
 }
 
 // newValkeyServer starts a dedicated valkey-server for one test.
-func newValkeyServer(t *testing.T, extra ...string) *redisServer {
+func newValkeyServer(t testing.TB, extra ...string) *redisServer {
 	t.Helper()
 	requireValkey(t)
 	srv, err := startServerBinary("valkey-server", t.TempDir(), freePort(t), extra...)
@@ -45,7 +44,7 @@ func newValkeyServer(t *testing.T, extra ...string) *redisServer {
 }
 
 // aofBytes returns everything in srv's append-only files.
-func aofBytes(t *testing.T, srv *redisServer) []byte {
+func aofBytes(t testing.TB, srv *redisServer) []byte {
 	t.Helper()
 	files, err := filepath.Glob(filepath.Join(srv.dir, "appendonlydir", "*.aof"))
 	if err != nil || len(files) == 0 {
@@ -103,18 +102,9 @@ func (a *ackReplies) take() []string {
 // answer the outcome is in the master's append-only file and on the replica. With the replica
 // frozen, a claim is refused and nothing runs.
 func TestFsyncAcksOnAReplicatedValkey(t *testing.T) {
-	aof := []string{"--appendonly", "yes", "--appendfsync", "everysec", "--repl-diskless-sync-delay", "0"}
-	master := newValkeyServer(t, aof...)
-	replica := newValkeyServer(t, append(aof, "--replicaof", "127.0.0.1", strconv.Itoa(master.port))...)
-	mc := redis.NewClient(&redis.Options{Addr: master.Addr, ContextTimeoutEnabled: true})
-	rc := redis.NewClient(&redis.Options{Addr: replica.Addr, ContextTimeoutEnabled: true})
-	t.Cleanup(func() { mc.Close(); rc.Close() })
+	pair := startReplicaPair(t, "valkey-server", false, "--appendonly", "yes", "--appendfsync", "everysec")
+	master, replica, mc, rc := pair.master, pair.replica, pair.masterRDB, pair.replicaRDB
 	ctx := testCtx(t)
-	waitUntil(t, "the replica streams the master's writes", func() bool {
-		_ = mc.Set(ctx, "probe", "1", 0).Err()
-		n, err := rc.Exists(ctx, "probe").Result()
-		return err == nil && n == 1
-	})
 	rt, acked := &roundTrips{}, &ackReplies{}
 	mc.AddHook(rt)
 	mc.AddHook(acked)

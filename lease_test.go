@@ -78,7 +78,7 @@ func waitStarted(t *testing.T, started <-chan struct{}) {
 }
 
 // waitUntil polls cond until it holds, failing the test after testTimeout.
-func waitUntil(t *testing.T, what string, cond func() bool) {
+func waitUntil(t testing.TB, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(testTimeout)
 	for !cond() {

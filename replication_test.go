@@ -24,7 +24,7 @@ type replicaPair struct {
 
 // newReplicaPair starts a master and a replica of it, and waits until the
 // replica streams the master's writes.
-func newReplicaPair(t *testing.T) *replicaPair {
+func newReplicaPair(t testing.TB) *replicaPair {
 	t.Helper()
 	return newReplicaPairVia(t, false)
 }
@@ -41,9 +41,30 @@ func newReplicaPair(t *testing.T) *replicaPair {
 // ACK, so for up to a second the replica reports a live link and holds none
 // of the master's new writes (measured: 4 of 12 syncs on this machine; see
 // docs/RELIABILITY.md). A master killed in that second loses everything.
-func newReplicaPairVia(t *testing.T, viaProxy bool) *replicaPair {
+func newReplicaPairVia(t testing.TB, viaProxy bool) *replicaPair {
 	t.Helper()
-	master := newRedisServer(t, "--repl-diskless-sync-delay", "0")
+	return startReplicaPair(t, "redis-server", viaProxy)
+}
+
+// startReplicaPair is newReplicaPairVia on binary (redis-server or
+// valkey-server), with extra arguments for both servers.
+func startReplicaPair(t testing.TB, binary string, viaProxy bool, extra ...string) *replicaPair {
+	t.Helper()
+	start := func(extra ...string) *redisServer {
+		if binary == "valkey-server" {
+			requireValkey(t)
+		} else {
+			requireRedisServer(t)
+		}
+		srv, err := startServerBinary(binary, t.TempDir(), freePort(t), extra...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(srv.Stop)
+		return srv
+	}
+	extra = append([]string{"--repl-diskless-sync-delay", "0"}, extra...)
+	master := start(extra...)
 	upstream := master.Addr
 	p := &replicaPair{master: master}
 	if viaProxy {
@@ -51,7 +72,7 @@ func newReplicaPairVia(t *testing.T, viaProxy bool) *replicaPair {
 		upstream = p.link.Addr()
 	}
 	host, port, _ := strings.Cut(upstream, ":")
-	p.replica = newRedisServer(t, "--repl-diskless-sync-delay", "0", "--replicaof", host, port)
+	p.replica = start(append(extra, "--replicaof", host, port)...)
 	p.masterRDB = redis.NewClient(&redis.Options{Addr: master.Addr, ContextTimeoutEnabled: true})
 	p.replicaRDB = redis.NewClient(&redis.Options{Addr: p.replica.Addr, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { p.masterRDB.Close(); p.replicaRDB.Close() })
