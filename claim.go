@@ -34,17 +34,25 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 	wait := s.o.pollInterval
 	for {
 		start, sent := time.Now(), s.o.now()
-		res, err := s.store.Claim(ctx, c.storeKey, c.token, c.inProgress, s.o.lease)
+		var res ClaimResult
+		if s.txs != nil {
+			res, c.ex, err = s.txs.ClaimTx(ctx, c.storeKey, c.token, c.inProgress, s.o.lease)
+			if err == nil && res.Claimed != (c.ex != nil) {
+				err = fmt.Errorf("idempotency: the TxStore's ClaimTx answered Claimed %v with an Execution %v", res.Claimed, c.ex != nil)
+				if c.ex != nil {
+					_ = c.ex.Discard(context.WithoutCancel(ctx), nil, 0)
+					c.ex = nil
+				}
+			}
+		} else {
+			res, err = s.store.Claim(ctx, c.storeKey, c.token, c.inProgress, s.o.lease)
+		}
 		c.ev.StoreLatency += time.Since(start)
 		if err != nil {
 			// The claim may have been applied with its reply lost: free it
 			// in the background rather than leave it until its lease ends.
 			// The release is fenced by the token, so it frees nothing else.
-			go func() {
-				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
-				defer cancel()
-				_ = s.store.Release(rctx, c.storeKey, c.token)
-			}()
+			s.releaseInBackground(ctx, c)
 			if ctx.Err() != nil {
 				return nil, s.fail(ctx, c, OutcomeCanceled, errCallEnded(c.method, ctx.Err()), err)
 			}
@@ -69,7 +77,14 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 		rec, err := decodeRecord(res.Record)
 		if err == nil && rec.GetState() == idempotencyv1.Record_STATE_IN_PROGRESS && rec.GetLeaseToken() == c.token {
 			// Our own claim, applied by an earlier try of the same command
-			// whose reply was lost (a client-library retry).
+			// whose reply was lost (a client-library retry). A TxStore
+			// claims its own record again instead (see ClaimTx): without an
+			// Execution the handler has no transaction to run in.
+			if s.txs != nil {
+				s.releaseInBackground(ctx, c)
+				return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method),
+					errors.New("idempotency: the TxStore's ClaimTx returned the caller's own claim without claiming it"))
+			}
 			return s.execute(ctx, c, req, handler)
 		}
 		if err == nil && rec.GetMethod() != c.method {
@@ -104,4 +119,14 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			wait *= 2
 		}
 	}
+}
+
+// releaseInBackground frees c's claim, if it was applied, without delaying
+// the answer. The release is fenced by the token, so it frees nothing else.
+func (s *server) releaseInBackground(ctx context.Context, c *call) {
+	go func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
+		defer cancel()
+		_ = s.store.Release(rctx, c.storeKey, c.token)
+	}()
 }

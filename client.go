@@ -242,7 +242,7 @@ func (o *clientOptions) retryable(err error, attemptTimedOut bool) (time.Duratio
 		// (its deadline, the one we sent, passed); judged by code below.
 	case ReasonInProgress:
 		return delay, true
-	case ReasonStoreUnavailable, ReasonNotReplicated:
+	case ReasonStoreUnavailable, ReasonNotReplicated, ReasonNotCommitted:
 		return delay, st.Code() == codes.Unavailable || o.extraCodes[st.Code()]
 	default:
 		// A verdict on the key: the same key would get the same answer.

@@ -51,6 +51,14 @@ const (
 	// released and the handler was not run. Code Unavailable; clients retry
 	// it like STORE_UNAVAILABLE.
 	ReasonNotReplicated = "STORE_NOT_REPLICATED"
+	// ReasonNotCommitted: the store is a [TxStore], the handler ran, and its
+	// transaction did not commit with the outcome (another call owned the
+	// key by then, or the database failed), so nothing the handler wrote in
+	// it was kept; or the commit's reply was lost and it is not known which
+	// way it went. Code Unavailable; a retry with the same key is safe
+	// (it replays the outcome if the commit happened, and runs the call
+	// otherwise), and the client interceptor retries it.
+	ReasonNotCommitted = "OUTCOME_NOT_COMMITTED"
 	// ReasonRecordCorrupt: the stored record could not be decoded or names a
 	// response type this server does not know. Code DataLoss.
 	ReasonRecordCorrupt = "RECORD_CORRUPT"
@@ -210,6 +218,15 @@ func errEncodeRecord(method string) error {
 func errStoreUnavailable(method string) error {
 	return newStatus(codes.Unavailable, ReasonStoreUnavailable, methodMeta(method),
 		"the idempotency store is unavailable; the call was not executed")
+}
+
+func errNotCommitted(method string, unknown bool) error {
+	if unknown {
+		return newStatus(codes.Unavailable, ReasonNotCommitted, methodMeta(method),
+			"the call ran but the reply to its commit was lost: its writes and its outcome either both committed or neither did; retry with the same idempotency key to learn which")
+	}
+	return newStatus(codes.Unavailable, ReasonNotCommitted, methodMeta(method),
+		"the call ran but its transaction did not commit, so nothing it wrote was kept; retry with the same idempotency key")
 }
 
 func errInProgress(method string, retryDelay time.Duration) error {

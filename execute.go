@@ -21,6 +21,9 @@ import (
 // execute runs the handler as the key's owner and stores or releases its
 // outcome.
 func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (resp any, err error) {
+	if c.ex != nil {
+		return s.executeTx(ctx, c, req, handler)
+	}
 	hctx := contextWithServerKey(ctx, c.key)
 	var cs *capturingStream
 	if st := grpc.ServerTransportStreamFromContext(ctx); st != nil {

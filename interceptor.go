@@ -41,6 +41,7 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 		badOption("UnaryServerInterceptor", "nil", "a Store is required")
 	}
 	s := &server{store: store, o: evaluateOptions(opts)}
+	s.txs, _ = store.(TxStore)
 	s.policies.override = s.o.policy
 	if s.o.localCacheSize > 0 {
 		s.cache = newLocalCache(s.o.localCacheSize, s.o.localCacheAge)
@@ -53,6 +54,7 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 
 type server struct {
 	store    Store
+	txs      TxStore // store, when it is one
 	o        *options
 	policies policyCache
 	cache    *localCache // nil unless WithLocalCache
@@ -68,7 +70,9 @@ type call struct {
 	token    string
 	// inProgress is the encoded in-progress record the call claims with.
 	inProgress []byte
-	ev         Event
+	// ex is the claim's Execution when the store is a TxStore.
+	ex Execution
+	ev Event
 	// final is the completed record the call ended with (executed or
 	// replayed), shared with the local cache and coalesced duplicates.
 	final *idempotencyv1.Record

@@ -42,6 +42,17 @@ const (
 	// acknowledged it before the complete timeout ended: a failover could
 	// lose it. The caller got the handler's answer.
 	OutcomeNotReplicated Outcome = "not_replicated"
+	// OutcomeRolledBack: the store is a [TxStore], the handler ran, and its
+	// transaction did not commit: another call owned the key by then (Err
+	// wraps [ErrLeaseLost]), or the database failed. Nothing the handler
+	// wrote in it was kept; the caller was told to retry
+	// ([ReasonNotCommitted]).
+	OutcomeRolledBack Outcome = "rolled_back"
+	// OutcomeCommitUnknown: the store is a [TxStore], the handler ran, and
+	// the reply to its commit was lost; the store could not learn whether
+	// it committed. The caller was told to retry ([ReasonNotCommitted]),
+	// which replays or runs the call safely.
+	OutcomeCommitUnknown Outcome = "commit_unknown"
 	// OutcomeReplayed: a repeat was answered with the stored outcome.
 	OutcomeReplayed Outcome = "replayed"
 	// OutcomeAlreadyProcessed: reject-repeats mode refused a repeat
@@ -116,7 +127,7 @@ func (s *server) emit(ctx context.Context, c *call) {
 		return
 	}
 	switch e.Outcome {
-	case OutcomeLeaseLost, OutcomeNotStored, OutcomeNotReplicated, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:
+	case OutcomeLeaseLost, OutcomeNotStored, OutcomeNotReplicated, OutcomeRolledBack, OutcomeCommitUnknown, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:
 		s.o.logger.LogAttrs(ctx, slog.LevelWarn, "idempotency: "+string(e.Outcome),
 			slog.String("method", e.Method), slog.String("key_hash", e.KeyHash),
 			slog.String("code", e.Code.String()), slog.Any("error", e.Err))

@@ -1,0 +1,3 @@
+// Package idempotencypg is a Postgres store for the idempotency
+// interceptor.
+package idempotencypg

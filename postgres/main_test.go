@@ -1,0 +1,45 @@
+package idempotencypg
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/idempotency-grpc/idempotency/postgres/pgtest"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	pgtest.StopShared()
+	os.Exit(code)
+}
+
+var tables atomic.Int64
+
+// testStore returns a store on a table of its own in the shared cluster,
+// and its pool.
+func testStore(t testing.TB, opts ...Option) (*Store, *pgxpool.Pool) {
+	t.Helper()
+	pool := pgtest.Shared(t).Pool(t, func(c *pgxpool.Config) { c.MaxConns = 40 })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	opts = append([]Option{WithTable(fmt.Sprintf("records_%d", tables.Add(1)))}, opts...)
+	if err := CreateSchema(ctx, pool, opts...); err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(ctx, pool, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, pool
+}
+
+func testCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}

@@ -1,0 +1,124 @@
+package idempotencypg
+
+import "strings"
+
+// Record states in the state column.
+const (
+	stateInProgress = 1
+	stateCompleted  = 2
+	stateFence      = 3
+)
+
+// statements are the store's SQL for one table. Every lease and TTL is
+// counted on the database's clock (statement_timestamp(), the start of the
+// statement, also inside the handler's long transaction), so the clocks of
+// the application servers never matter.
+type statements struct {
+	claim, renew, complete, release, get, forget, commit, sweep, resolve string
+}
+
+// claimOutcome values of the claim statement's first column.
+const (
+	claimTaken  = 1 // claimed; locked says whether the session lock is held
+	claimStored = 2 // not claimed: record is what the key holds
+	claimFenced = 3 // token was fenced off by Forget
+)
+
+func newStatements(table string) statements {
+	r := strings.NewReplacer("{table}", table)
+	return statements{
+		// One statement. l takes the key's advisory lock for the length of
+		// the statement, if nobody holds it: an in-progress row whose owner
+		// holds the lock in its session ("locked") is taken over only when
+		// that lock is free, that is, when the owner's session is gone. $6
+		// asks for the lock to be kept for the session of a transactional
+		// claim: RETURNING takes it (re-entrant, so it cannot fail while l
+		// holds it) only when the row was written with locked true. A key
+		// written by a concurrent claim after this statement's snapshot
+		// gives no row; the caller runs the statement again.
+		claim: r.Replace(`WITH l AS (SELECT pg_try_advisory_xact_lock($5::bigint) AS free),
+c AS (
+  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
+  SELECT $1, 1, $2, $6::boolean AND l.free, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond' FROM l
+  ON CONFLICT (key) DO UPDATE
+  SET state = 1, token = excluded.token, locked = excluded.locked, record = excluded.record, expires_at = excluded.expires_at
+  WHERE r.expires_at <= statement_timestamp()
+     OR (r.state = 3 AND r.token <> excluded.token)
+     OR (r.state = 1 AND r.locked AND (SELECT free FROM l))
+     OR ($6::boolean AND r.state = 1 AND r.token = excluded.token)
+  RETURNING CASE WHEN r.locked THEN pg_try_advisory_lock($5::bigint) ELSE false END AS locked
+)
+SELECT 1, c.locked, NULL::bytea, 0::bigint FROM c
+UNION ALL
+SELECT CASE WHEN r.state = 3 AND r.token = $2 THEN 3 ELSE 2 END, false, r.record,
+       ceil(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000)::bigint
+FROM {table} r WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM c)`),
+
+		renew: r.Replace(`UPDATE {table} SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond'
+WHERE key = $1 AND state = 1 AND token = $2 AND expires_at > statement_timestamp()`),
+
+		// true: written, or already completed by token (idempotent); false:
+		// another owner, a completed record of another token, or token's
+		// fence. No row: written by a concurrent call after the snapshot,
+		// so not token's.
+		complete: r.Replace(`WITH c AS (
+  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
+  VALUES ($1, 2, $2, false, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond')
+  ON CONFLICT (key) DO UPDATE
+  SET state = 2, token = excluded.token, locked = false, record = excluded.record, expires_at = excluded.expires_at
+  WHERE r.expires_at <= statement_timestamp() OR (r.state = 1 AND r.token = excluded.token)
+  RETURNING 1
+)
+SELECT true FROM c
+UNION ALL
+SELECT r.state = 2 AND r.token = $2 FROM {table} r WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM c)`),
+
+		// true: deleted, or no live record (already gone); false: a live
+		// record that is not token's in-progress one.
+		release: r.Replace(`WITH d AS (
+  DELETE FROM {table} r WHERE r.key = $1 AND ((r.state = 1 AND r.token = $2) OR r.expires_at <= statement_timestamp())
+  RETURNING r.state, r.token
+)
+SELECT EXISTS (SELECT 1 FROM d WHERE d.state = 1 AND d.token = $2)
+    OR NOT EXISTS (SELECT 1 FROM {table} r WHERE r.key = $1 AND r.expires_at > statement_timestamp())`),
+
+		get: r.Replace(`SELECT record, ceil(extract(epoch FROM expires_at - statement_timestamp()) * 1000)::bigint
+FROM {table} WHERE key = $1 AND state IN (1, 2) AND expires_at > statement_timestamp()`),
+
+		// An in-progress record becomes a fence on its owner's token for the
+		// rest of its lease; a completed one is deleted.
+		forget: r.Replace(`WITH f AS (
+  UPDATE {table} SET state = 3, record = NULL, locked = false
+  WHERE key = $1 AND state = 1 AND expires_at > statement_timestamp() RETURNING 1
+), d AS (
+  DELETE FROM {table} WHERE key = $1 AND state = 2 AND expires_at > statement_timestamp() RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM f) OR EXISTS (SELECT 1 FROM d)`),
+
+		// The outcome, written in the handler's transaction and fenced on
+		// the token like complete. When the fence fails the division by
+		// zero aborts the transaction, so the COMMIT queued behind it in the
+		// same round trip never runs. The transaction id lets a commit whose
+		// reply was lost be resolved (pg_xact_status).
+		commit: r.Replace(`WITH c AS (
+  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
+  VALUES ($1, 2, $2, false, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond')
+  ON CONFLICT (key) DO UPDATE
+  SET state = 2, token = excluded.token, locked = false, record = excluded.record, expires_at = excluded.expires_at
+  WHERE r.expires_at <= statement_timestamp() OR (r.state = 1 AND r.token = excluded.token)
+  RETURNING 1
+)
+SELECT 1 / (SELECT count(*)::int FROM c)`),
+
+		// Oldest first, skipping rows a claim holds locked right now.
+		sweep: r.Replace(`DELETE FROM {table} WHERE key IN (
+  SELECT key FROM {table} WHERE expires_at <= statement_timestamp()
+  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)`),
+
+		// Whether a commit whose reply was lost happened: is the owner's
+		// session still alive (its COMMIT may be in flight), and is the key
+		// completed by the owner's token (it committed).
+		resolve: r.Replace(`SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1),
+       COALESCE((SELECT state = 2 AND token = $3 FROM {table} WHERE key = $2), false)`),
+	}
+}

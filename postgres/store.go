@@ -1,0 +1,221 @@
+package idempotencypg
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/idempotency-grpc/idempotency"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Store is an [idempotency.TxStore] and [idempotency.AdminStore] on a
+// Postgres table (see [Schema]). With it, [idempotency.UnaryServerInterceptor]
+// runs each keyed call's handler in a transaction that the handler gets
+// from [Tx], and commits the outcome record in that same transaction: the
+// handler's writes to this database happen exactly once per key, crash or
+// not.
+//
+// Every claim is one statement; every lease and TTL is counted on the
+// database's clock. A claim held by a transactional call is also guarded
+// by a session advisory lock, so when the owner's process or connection
+// dies, the next retry takes the key at once rather than after the lease.
+//
+// The pool needs a connection per call in flight (the handler's
+// transaction holds one for the whole call) plus a few for lease renewals:
+// size it (pool_max_conns) above the server's concurrency.
+type Store struct {
+	pool  *pgxpool.Pool
+	table pgx.Identifier
+	sql   statements
+	// testHook, when set, runs at named points of an execution (tests).
+	testHook func(point string, conn *pgx.Conn)
+}
+
+// New returns the store on pool's database. It checks that the table
+// exists (create it with [CreateSchema] or apply [Schema] in your
+// migrations) and that the server is PostgreSQL 13 or later.
+func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Store, error) {
+	if pool == nil {
+		return nil, errors.New("idempotencypg: New: a *pgxpool.Pool is required")
+	}
+	o := evaluate(opts)
+	s := &Store{pool: pool, table: o.table, sql: newStatements(o.table.Sanitize())}
+	var version int
+	var exists bool
+	err := pool.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, to_regclass($1) IS NOT NULL`, o.table.Sanitize()).Scan(&version, &exists)
+	if err != nil {
+		return nil, fmt.Errorf("idempotencypg: New: cannot reach the database: %w", err)
+	}
+	if version < 130000 {
+		return nil, fmt.Errorf("idempotencypg: New: PostgreSQL %d.%d is too old: the store needs 13 or later (pg_xact_status)", version/10000, version%10000)
+	}
+	if !exists {
+		return nil, fmt.Errorf("idempotencypg: New: table %s does not exist: create it with CreateSchema, or apply Schema() in your migrations", o.table.Sanitize())
+	}
+	return s, nil
+}
+
+// lockID is the advisory lock of key: 64 bits of the SHA-256 of the table
+// and the key. Two keys sharing one (a 2^-64 chance per pair) only lose the
+// early takeover, never the fencing.
+func (s *Store) lockID(key string) int64 {
+	h := sha256.New()
+	h.Write([]byte(s.table.Sanitize()))
+	h.Write([]byte{0})
+	h.Write([]byte(key))
+	return int64(binary.BigEndian.Uint64(h.Sum(nil)))
+}
+
+func checkExpiry(what string, d time.Duration) error {
+	if d < time.Millisecond {
+		return fmt.Errorf("idempotencypg: a %s of %v is below 1ms, the least the store keeps; nothing was written", what, d)
+	}
+	return nil
+}
+
+// querier is a pool or a connection.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// attempts bounds the re-runs of a statement that met a row written by a
+// concurrent statement after its snapshot (it then sees no row at all).
+const attempts = 5
+
+// claim runs the claim statement on q. keep asks for the session lock of
+// a transactional claim.
+func (s *Store) claim(ctx context.Context, q querier, key, token string, record []byte, lease time.Duration, keep bool) (res idempotency.ClaimResult, locked bool, err error) {
+	if err := checkExpiry("lease", lease); err != nil {
+		return res, false, err
+	}
+	if record == nil {
+		record = []byte{}
+	}
+	for range attempts {
+		var outcome int
+		var ttl int64
+		var stored []byte
+		err = q.QueryRow(ctx, s.sql.claim, key, token, record, lease.Milliseconds(), s.lockID(key), keep).
+			Scan(&outcome, &locked, &stored, &ttl)
+		if errors.Is(err, pgx.ErrNoRows) {
+			continue
+		}
+		if err != nil {
+			return res, false, fmt.Errorf("idempotencypg: claim: %w", err)
+		}
+		switch outcome {
+		case claimTaken:
+			return idempotency.ClaimResult{Claimed: true}, locked, nil
+		case claimFenced:
+			return res, false, idempotency.ErrLeaseLost
+		}
+		if stored == nil {
+			stored = []byte{} // a row without a record: the interceptor reports it corrupt
+		}
+		return idempotency.ClaimResult{Record: stored, TTL: time.Duration(max(ttl, 1)) * time.Millisecond}, false, nil
+	}
+	return res, false, fmt.Errorf("idempotencypg: claim: the key changed under %d attempts in a row", attempts)
+}
+
+// Claim implements [idempotency.Store.Claim] in one statement.
+func (s *Store) Claim(ctx context.Context, key, token string, record []byte, lease time.Duration) (idempotency.ClaimResult, error) {
+	res, _, err := s.claim(ctx, s.pool, key, token, record, lease, false)
+	return res, err
+}
+
+// Renew implements [idempotency.Store.Renew].
+func (s *Store) Renew(ctx context.Context, key, token string, lease time.Duration) error {
+	if err := checkExpiry("lease", lease); err != nil {
+		return err
+	}
+	tag, err := s.pool.Exec(ctx, s.sql.renew, key, token, lease.Milliseconds())
+	if err != nil {
+		return fmt.Errorf("idempotencypg: renew: %w", err)
+	}
+	if tag.RowsAffected() == 0 {
+		return idempotency.ErrLeaseLost
+	}
+	return nil
+}
+
+// Complete implements [idempotency.Store.Complete].
+func (s *Store) Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error {
+	return s.complete(ctx, s.pool, key, token, record, ttl)
+}
+
+func (s *Store) complete(ctx context.Context, q querier, key, token string, record []byte, ttl time.Duration) error {
+	if err := checkExpiry("ttl", ttl); err != nil {
+		return err
+	}
+	if record == nil {
+		record = []byte{}
+	}
+	var ok bool
+	err := q.QueryRow(ctx, s.sql.complete, key, token, record, ttl.Milliseconds()).Scan(&ok)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return idempotency.ErrLeaseLost // written by another call after the snapshot
+	case err != nil:
+		return fmt.Errorf("idempotencypg: complete: %w", err)
+	case !ok:
+		return idempotency.ErrLeaseLost
+	}
+	return nil
+}
+
+// Release implements [idempotency.Store.Release].
+func (s *Store) Release(ctx context.Context, key, token string) error {
+	return s.release(ctx, s.pool, key, token)
+}
+
+func (s *Store) release(ctx context.Context, q querier, key, token string) error {
+	var ok bool
+	if err := q.QueryRow(ctx, s.sql.release, key, token).Scan(&ok); err != nil {
+		return fmt.Errorf("idempotencypg: release: %w", err)
+	}
+	if !ok {
+		return idempotency.ErrLeaseLost
+	}
+	return nil
+}
+
+// Get implements [idempotency.AdminStore.Get].
+func (s *Store) Get(ctx context.Context, key string) ([]byte, time.Duration, error) {
+	var record []byte
+	var ttl int64
+	err := s.pool.QueryRow(ctx, s.sql.get, key).Scan(&record, &ttl)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, 0, idempotency.ErrNoRecord
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("idempotencypg: get: %w", err)
+	}
+	if record == nil {
+		record = []byte{}
+	}
+	return record, time.Duration(max(ttl, 1)) * time.Millisecond, nil
+}
+
+// Delete implements [idempotency.AdminStore.Delete]: a completed record is
+// deleted; an in-progress one becomes a fence on its owner's token for the
+// rest of its lease.
+func (s *Store) Delete(ctx context.Context, key string) error {
+	var ok bool
+	if err := s.pool.QueryRow(ctx, s.sql.forget, key).Scan(&ok); err != nil {
+		return fmt.Errorf("idempotencypg: delete: %w", err)
+	}
+	if !ok {
+		return idempotency.ErrNoRecord
+	}
+	return nil
+}
+
+var (
+	_ idempotency.TxStore    = (*Store)(nil)
+	_ idempotency.AdminStore = (*Store)(nil)
+)

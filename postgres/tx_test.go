@@ -1,0 +1,280 @@
+package idempotencypg
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// bank is a test server whose Charge writes a business row in the call's
+// transaction.
+type bank struct {
+	store  *Store
+	pool   *pgxpool.Pool
+	table  string
+	svc    *testservice.Service
+	client testingv1.TestServiceClient
+	events chan idempotency.Event
+}
+
+func newBank(t *testing.T, opts ...idempotency.Option) *bank {
+	t.Helper()
+	s, pool := testStore(t)
+	b := &bank{store: s, pool: pool, svc: &testservice.Service{}, events: make(chan idempotency.Event, 100)}
+	b.table = fmt.Sprintf("charges_%d", tables.Add(1))
+	_, err := pool.Exec(testCtx(t), `CREATE TABLE `+b.table+` (id bigserial PRIMARY KEY, amount bigint NOT NULL)`)
+	require.NoError(t, err)
+	b.svc.OnCharge = func(ctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		tx := Tx(ctx)
+		if tx == nil {
+			return nil, status.Error(codes.Internal, "no transaction in the context")
+		}
+		var id int64
+		if err := tx.QueryRow(ctx, `INSERT INTO `+b.table+` (amount) VALUES ($1) RETURNING id`, req.GetAmount()).Scan(&id); err != nil {
+			return nil, status.Errorf(codes.Internal, "insert: %v", err)
+		}
+		return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d", id)}, nil
+	}
+	opts = append([]idempotency.Option{idempotency.WithObserver(func(_ context.Context, e idempotency.Event) {
+		select {
+		case b.events <- e:
+		default:
+		}
+	})}, opts...)
+	lis := testservice.Serve(t, b.svc, grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(s, opts...)))
+	b.client = testservice.Dial(t, lis)
+	return b
+}
+
+// rows counts the committed business rows.
+func (b *bank) rows(t *testing.T) int {
+	t.Helper()
+	var n int
+	require.NoError(t, b.pool.QueryRow(testCtx(t), `SELECT count(*) FROM `+b.table).Scan(&n))
+	return n
+}
+
+func (b *bank) charge(ctx context.Context, key string, amount int64) (*testingv1.ChargeResponse, metadata.MD, error) {
+	var header metadata.MD
+	resp, err := b.client.Charge(metadata.AppendToOutgoingContext(ctx, "idempotency-key", key),
+		&testingv1.ChargeRequest{Amount: amount}, grpc.Header(&header))
+	return resp, header, err
+}
+
+// event waits for the next event with outcome o.
+func (b *bank) event(t *testing.T, o idempotency.Outcome) idempotency.Event {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case e := <-b.events:
+			if e.Outcome == o {
+				return e
+			}
+		case <-deadline:
+			t.Fatalf("no %s event", o)
+		}
+	}
+}
+
+func TestTxOutcomeCommitsWithTheBusinessRow(t *testing.T) {
+	b := newBank(t)
+	ctx := testCtx(t)
+	first, h1, err := b.charge(ctx, "key-1", 100)
+	require.NoError(t, err)
+	require.Empty(t, h1.Get(idempotency.ReplayedHeader))
+	again, h2, err := b.charge(ctx, "key-1", 100)
+	require.NoError(t, err)
+	require.True(t, proto.Equal(first, again), "the replay differs: %v vs %v", first, again)
+	require.Equal(t, []string{"true"}, h2.Get(idempotency.ReplayedHeader))
+	require.EqualValues(t, 1, b.svc.Runs.Load())
+	require.Equal(t, 1, b.rows(t))
+
+	info, err := idempotency.Lookup(ctx, b.store, testservice.MethodCharge, "", "key-1")
+	require.NoError(t, err)
+	require.Equal(t, "completed", info.State)
+}
+
+func TestTxStoredErrorRollsBackTheHandlersWrites(t *testing.T) {
+	b := newBank(t)
+	b.svc.OnCharge = func(ctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		if _, err := Tx(ctx).Exec(ctx, `INSERT INTO `+b.table+` (amount) VALUES ($1)`, req.GetAmount()); err != nil {
+			return nil, err
+		}
+		return nil, status.Error(codes.FailedPrecondition, "card declined")
+	}
+	ctx := testCtx(t)
+	for i := range 2 {
+		_, h, err := b.charge(ctx, "declined", 100)
+		require.Equal(t, codes.FailedPrecondition, status.Code(err), "call %d: %v", i, err)
+		require.Equal(t, i == 1, len(h.Get(idempotency.ReplayedHeader)) == 1, "call %d replay marker", i)
+	}
+	require.EqualValues(t, 1, b.svc.Runs.Load())
+	require.Equal(t, 0, b.rows(t), "the declined charge's row survived")
+}
+
+func TestTxTransientErrorAndPanicRollBackAndRelease(t *testing.T) {
+	b := newBank(t)
+	inner := b.svc.OnCharge
+	b.svc.OnCharge = func(ctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		if _, err := Tx(ctx).Exec(ctx, `INSERT INTO `+b.table+` (amount) VALUES (-1)`); err != nil {
+			return nil, err
+		}
+		switch n {
+		case 1:
+			return nil, status.Error(codes.Unavailable, "the bank is down")
+		case 2:
+			panic("handler bug")
+		}
+		return inner(ctx, req, n)
+	}
+	ctx := testCtx(t)
+	_, _, err := b.charge(ctx, "flaky", 5)
+	require.Equal(t, codes.Unavailable, status.Code(err))
+	b.event(t, idempotency.OutcomeReleased)
+	require.Panics(t, func() {
+		// grpc-go does not recover handler panics: call the interceptor
+		// directly.
+		icpt := idempotency.UnaryServerInterceptor(b.store)
+		ictx := metadata.NewIncomingContext(ctx, metadata.Pairs("idempotency-key", "flaky"))
+		_, _ = icpt(ictx, &testingv1.ChargeRequest{Amount: 5}, &grpc.UnaryServerInfo{FullMethod: testservice.MethodCharge},
+			func(ctx context.Context, req any) (any, error) {
+				return b.svc.Charge(ctx, req.(*testingv1.ChargeRequest))
+			})
+	})
+	resp, _, err := b.charge(ctx, "flaky", 5)
+	require.NoError(t, err)
+	require.NotEmpty(t, resp.GetChargeId())
+	require.EqualValues(t, 3, b.svc.Runs.Load())
+	var amounts []int64
+	rows, err := b.pool.Query(ctx, `SELECT amount FROM `+b.table)
+	require.NoError(t, err)
+	amounts, err = pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(t, err)
+	require.Equal(t, []int64{-1, 5}, amounts, "only the third run's writes may commit")
+}
+
+// A run whose key was taken over while it ran (its lease ended and another
+// call claimed the key) commits nothing: its writes vanish with the
+// failed fence, and its caller is told to retry.
+func TestTxFenceFailureRollsBackEverything(t *testing.T) {
+	b := newBank(t)
+	inner := b.svc.OnCharge
+	b.svc.OnCharge = func(ctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		resp, err := inner(ctx, req, n)
+		if n == 1 {
+			// Another owner, as after an expired lease.
+			_, uerr := b.pool.Exec(ctx, `UPDATE `+b.store.table.Sanitize()+` SET token = 'someone-else'`)
+			require.NoError(t, uerr)
+		}
+		return resp, err
+	}
+	ctx := testCtx(t)
+	_, _, err := b.charge(ctx, "taken", 7)
+	require.Equal(t, codes.Unavailable, status.Code(err), "%v", err)
+	require.Equal(t, idempotency.ReasonNotCommitted, idempotency.ReasonOf(err))
+	e := b.event(t, idempotency.OutcomeRolledBack)
+	require.ErrorIs(t, e.Err, idempotency.ErrLeaseLost)
+	require.Equal(t, 0, b.rows(t), "the fenced-off run's row committed")
+}
+
+// The commit does not use the client's context: a client that gives up
+// after the handler ran does not lose the outcome.
+func TestTxClientCancelDoesNotAbortTheCommit(t *testing.T) {
+	b := newBank(t)
+	inner := b.svc.OnCharge
+	ctx, cancel := context.WithCancel(testCtx(t))
+	b.svc.OnCharge = func(hctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		resp, err := inner(hctx, req, n)
+		cancel()
+		<-hctx.Done() // the server saw the cancellation
+		return resp, err
+	}
+	_, _, err := b.charge(ctx, "gone", 9)
+	require.Equal(t, codes.Canceled, status.Code(err))
+	b.event(t, idempotency.OutcomeExecuted)
+	require.Equal(t, 1, b.rows(t))
+	resp, h, err := b.charge(testCtx(t), "gone", 9)
+	require.NoError(t, err)
+	require.Equal(t, []string{"true"}, h.Get(idempotency.ReplayedHeader))
+	require.NotEmpty(t, resp.GetChargeId())
+	require.EqualValues(t, 1, b.svc.Runs.Load())
+}
+
+// A claim whose owner's session is gone is taken over at once; a live
+// owner's is not, however often it is tried.
+func TestTxDeadOwnerIsTakenOverAtOnce(t *testing.T) {
+	s, pool := testStore(t)
+	ctx := testCtx(t)
+	key := fmt.Sprintf("%064x", 42)
+	res, ex, err := s.ClaimTx(ctx, key, "owner", []byte("in progress"), time.Hour)
+	require.NoError(t, err)
+	require.True(t, res.Claimed)
+	for range 3 {
+		res, other, err := s.ClaimTx(ctx, key, "intruder", []byte("x"), time.Hour)
+		require.NoError(t, err)
+		require.False(t, res.Claimed, "a live owner was overtaken")
+		require.Nil(t, other)
+	}
+	_, err = s.Claim(ctx, key, "intruder", []byte("x"), time.Hour)
+	require.NoError(t, err)
+
+	pid := ex.(*execution).conn.Conn().PgConn().PID()
+	var ok bool
+	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, pid).Scan(&ok))
+	require.True(t, ok)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		res, ex2, err := s.ClaimTx(ctx, key, "successor", []byte("in progress"), time.Hour)
+		require.NoError(t, err)
+		if res.Claimed {
+			require.NoError(t, ex2.Discard(ctx, nil, 0))
+			break
+		}
+		require.True(t, time.Now().Before(deadline), "the dead owner's claim was not taken over")
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The dead owner can no longer write its outcome.
+	require.Error(t, ex.Commit(ctx, []byte("late"), time.Hour))
+	_, _, err = s.Get(ctx, key)
+	require.ErrorIs(t, err, idempotency.ErrNoRecord)
+}
+
+// Concurrent first calls with one key: exactly one business row.
+func TestTxConcurrentDuplicates(t *testing.T) {
+	b := newBank(t, idempotency.WithWaitForInProgress(5*time.Millisecond))
+	ctx := testCtx(t)
+	var wg sync.WaitGroup
+	ids := make([]string, 16)
+	errs := make([]error, 16)
+	for i := range ids {
+		wg.Go(func() {
+			resp, _, err := b.charge(ctx, "storm", 3)
+			ids[i], errs[i] = resp.GetChargeId(), err
+		})
+	}
+	wg.Wait()
+	for i := range ids {
+		require.NoError(t, errs[i])
+		require.Equal(t, ids[0], ids[i])
+	}
+	require.EqualValues(t, 1, b.svc.Runs.Load())
+	require.Equal(t, 1, b.rows(t))
+}
+
+var _ = errors.New
