@@ -45,13 +45,10 @@ type execution struct {
 	unlocked   bool // the lock was given back
 }
 
-// Begin implements [idempotency.Execution.Begin].
+// Begin implements [idempotency.Execution.Begin]. It sends nothing: BEGIN
+// goes out in front of the handler's first statement (see handlerTx).
 func (e *execution) Begin(ctx context.Context) (context.Context, error) {
-	tx, err := e.conn.Begin(ctx)
-	if err != nil {
-		return ctx, fmt.Errorf("idempotencypg: begin: %w", err)
-	}
-	e.tx = &handlerTx{Tx: tx}
+	e.tx = &handlerTx{conn: e.conn.Conn()}
 	return context.WithValue(ctx, txKey{}, e.tx), nil
 }
 
@@ -70,6 +67,11 @@ func (e *execution) Commit(ctx context.Context, record []byte, ttl time.Duration
 		return errors.New("idempotencypg: commit without a transaction")
 	}
 	e.tx.end()
+	if !e.tx.begun() {
+		// The handler sent no statement: nothing to commit with the
+		// outcome, which is written on its own, like Complete.
+		return e.Discard(ctx, record, ttl)
+	}
 	pg := e.conn.Conn().PgConn()
 	switch pg.TxStatus() {
 	case 'T':

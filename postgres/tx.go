@@ -28,8 +28,9 @@ func Tx(ctx context.Context) pgx.Tx {
 	return nil
 }
 
-// beginner is what InTx needs of a pool: pgxpool.Pool and pgx.Conn are.
-type beginner interface {
+// Beginner is what [InTx] needs of a database handle: *pgxpool.Pool,
+// *pgx.Conn and pgx.Tx are Beginners.
+type Beginner interface {
 	Begin(ctx context.Context) (pgx.Tx, error)
 }
 
@@ -37,7 +38,7 @@ type beginner interface {
 // writes commit with the outcome; otherwise (a call without a key) in a
 // transaction of its own on db, committed when fn returns nil and rolled
 // back otherwise.
-func InTx(ctx context.Context, db beginner, fn func(tx pgx.Tx) error) error {
+func InTx(ctx context.Context, db Beginner, fn func(tx pgx.Tx) error) error {
 	if tx := Tx(ctx); tx != nil {
 		return fn(tx)
 	}
@@ -57,15 +58,21 @@ var (
 	errEnded   = errors.New("idempotencypg: the call's transaction has ended: it cannot be used after the handler returned")
 )
 
-// handlerTx is the call's transaction as the handler sees it: pgx's own
-// transaction, whose Commit and Rollback refuse, and which refuses to run
-// statements once the handler returned.
+// handlerTx is the call's transaction as the handler sees it. BEGIN is
+// not sent on its own: it rides in front of the handler's first statement
+// (a pgx batch begun with BeginTx), so the transaction costs no round trip
+// of its own, and a handler that never touches it costs none at all. Its
+// Commit and Rollback refuse, and it refuses every statement once the
+// handler returned.
 type handlerTx struct {
-	pgx.Tx
+	conn  *pgx.Conn
+	tx    pgx.Tx // nil until the first statement began it
 	ended atomic.Bool
 }
 
 func (t *handlerTx) end() { t.ended.Store(true) }
+
+func (t *handlerTx) begun() bool { return t.tx != nil }
 
 func (t *handlerTx) check() error {
 	if t.ended.Load() {
@@ -74,13 +81,53 @@ func (t *handlerTx) check() error {
 	return nil
 }
 
+// send sends b (the handler's statements) behind BEGIN when the
+// transaction has not begun yet, and returns the results with BEGIN's
+// already read.
+func (t *handlerTx) send(ctx context.Context, queue func(b *pgx.Batch)) pgx.BatchResults {
+	if err := t.check(); err != nil {
+		return errBatch{err}
+	}
+	if t.tx != nil {
+		b := &pgx.Batch{}
+		queue(b)
+		return t.tx.SendBatch(ctx, b)
+	}
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	queue(b)
+	br := t.conn.SendBatch(ctx, b)
+	t.tx = br.Tx()
+	if _, err := br.Exec(); err != nil {
+		_ = br.Close()
+		return errBatch{err}
+	}
+	return br
+}
+
+// begin sends BEGIN on its own, for the calls that cannot ride in a batch.
+func (t *handlerTx) begin(ctx context.Context) error {
+	if err := t.check(); err != nil {
+		return err
+	}
+	if t.tx != nil {
+		return nil
+	}
+	tx, err := t.conn.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	t.tx = tx
+	return nil
+}
+
 // Begin starts a savepoint: a pseudo nested transaction the handler may
 // commit (release) or roll back on its own.
 func (t *handlerTx) Begin(ctx context.Context) (pgx.Tx, error) {
-	if err := t.check(); err != nil {
+	if err := t.begin(ctx); err != nil {
 		return nil, err
 	}
-	return t.Tx.Begin(ctx)
+	return t.tx.Begin(ctx)
 }
 
 // Commit refuses: the interceptor commits with the outcome.
@@ -91,18 +138,23 @@ func (t *handlerTx) Rollback(context.Context) error { return errManaged }
 
 // CopyFrom implements pgx.Tx.
 func (t *handlerTx) CopyFrom(ctx context.Context, table pgx.Identifier, columns []string, src pgx.CopyFromSource) (int64, error) {
-	if err := t.check(); err != nil {
+	if err := t.begin(ctx); err != nil {
 		return 0, err
 	}
-	return t.Tx.CopyFrom(ctx, table, columns, src)
+	return t.tx.CopyFrom(ctx, table, columns, src)
 }
 
 // SendBatch implements pgx.Tx.
 func (t *handlerTx) SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults {
-	if err := t.check(); err != nil {
-		return errBatch{err}
+	return t.send(ctx, func(nb *pgx.Batch) { nb.QueuedQueries = append(nb.QueuedQueries, b.QueuedQueries...) })
+}
+
+// LargeObjects implements pgx.Tx.
+func (t *handlerTx) LargeObjects() pgx.LargeObjects {
+	if err := t.begin(context.Background()); err != nil {
+		return pgx.LargeObjects{}
 	}
-	return t.Tx.SendBatch(ctx, b)
+	return t.tx.LargeObjects()
 }
 
 // Prepare implements pgx.Tx.
@@ -110,31 +162,94 @@ func (t *handlerTx) Prepare(ctx context.Context, name, sql string) (*pgconn.Stat
 	if err := t.check(); err != nil {
 		return nil, err
 	}
-	return t.Tx.Prepare(ctx, name, sql)
+	return t.conn.Prepare(ctx, name, sql) // outside any transaction: no need to begin
 }
 
 // Exec implements pgx.Tx.
 func (t *handlerTx) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
-	if err := t.check(); err != nil {
-		return pgconn.CommandTag{}, err
+	if t.tx != nil {
+		if err := t.check(); err != nil {
+			return pgconn.CommandTag{}, err
+		}
+		return t.tx.Exec(ctx, sql, args...)
 	}
-	return t.Tx.Exec(ctx, sql, args...)
+	br := t.send(ctx, func(b *pgx.Batch) { b.Queue(sql, args...) })
+	tag, err := br.Exec()
+	return tag, errors.Join(err, br.Close())
 }
 
 // Query implements pgx.Tx.
 func (t *handlerTx) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
-	if err := t.check(); err != nil {
+	if t.tx != nil {
+		if err := t.check(); err != nil {
+			return nil, err
+		}
+		return t.tx.Query(ctx, sql, args...)
+	}
+	br := t.send(ctx, func(b *pgx.Batch) { b.Queue(sql, args...) })
+	rows, err := br.Query()
+	if err != nil {
+		_ = br.Close()
 		return nil, err
 	}
-	return t.Tx.Query(ctx, sql, args...)
+	return &batchRows{Rows: rows, br: br}, nil
 }
 
 // QueryRow implements pgx.Tx.
 func (t *handlerTx) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
-	if err := t.check(); err != nil {
-		return errRow{err}
+	if t.tx != nil {
+		if err := t.check(); err != nil {
+			return errRow{err}
+		}
+		return t.tx.QueryRow(ctx, sql, args...)
 	}
-	return t.Tx.QueryRow(ctx, sql, args...)
+	br := t.send(ctx, func(b *pgx.Batch) { b.Queue(sql, args...) })
+	return batchRow{br: br}
+}
+
+// Conn implements pgx.Tx.
+func (t *handlerTx) Conn() *pgx.Conn { return t.conn }
+
+// batchRows are the rows of a statement sent behind BEGIN: closing them
+// (or reading them to the end) also closes the batch, so the connection
+// is free for the next statement.
+type batchRows struct {
+	pgx.Rows
+	br     pgx.BatchResults
+	closed bool
+	err    error
+}
+
+func (r *batchRows) Next() bool {
+	if r.Rows.Next() {
+		return true
+	}
+	r.Close()
+	return false
+}
+
+func (r *batchRows) Close() {
+	if r.closed {
+		return
+	}
+	r.closed = true
+	r.Rows.Close()
+	r.err = r.br.Close()
+}
+
+func (r *batchRows) Err() error {
+	if err := r.Rows.Err(); err != nil {
+		return err
+	}
+	return r.err
+}
+
+// batchRow is QueryRow's row of a statement sent behind BEGIN.
+type batchRow struct{ br pgx.BatchResults }
+
+func (r batchRow) Scan(dest ...any) error {
+	err := r.br.QueryRow().Scan(dest...)
+	return errors.Join(err, r.br.Close())
 }
 
 // errBatch and errRow carry an error where pgx.Tx returns no error.

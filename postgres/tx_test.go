@@ -278,3 +278,115 @@ func TestTxConcurrentDuplicates(t *testing.T) {
 }
 
 var _ = errors.New
+
+// The handler's transaction behaves as a pgx.Tx: statements of every kind
+// run in it (BEGIN rides in front of the first), savepoints work, and
+// Commit and Rollback refuse; a handler that never uses it still gets its
+// outcome stored.
+func TestTxHandlerUsesTheTransactionLikeAPgxTx(t *testing.T) {
+	b := newBank(t)
+	b.svc.OnCharge = func(ctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		tx := Tx(ctx)
+		if req.GetAmount() == 0 {
+			return &testingv1.ChargeResponse{ChargeId: "untouched"}, nil
+		}
+		// Query first, read to the end without Close: the next statement
+		// must still find the connection free.
+		rows, err := tx.Query(ctx, `SELECT g FROM generate_series(1, 3) g`)
+		if err != nil {
+			return nil, err
+		}
+		sum := int64(0)
+		for rows.Next() {
+			var g int64
+			if err := rows.Scan(&g); err != nil {
+				return nil, err
+			}
+			sum += g
+		}
+		if err := rows.Err(); err != nil {
+			return nil, err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO `+b.table+` (amount) VALUES ($1)`, sum); err != nil {
+			return nil, err
+		}
+		sp, err := tx.Begin(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := sp.Exec(ctx, `INSERT INTO `+b.table+` (amount) VALUES (-100)`); err != nil {
+			return nil, err
+		}
+		if err := sp.Rollback(ctx); err != nil {
+			return nil, err
+		}
+		batch := &pgx.Batch{}
+		batch.Queue(`INSERT INTO `+b.table+` (amount) VALUES ($1)`, req.GetAmount())
+		if err := tx.SendBatch(ctx, batch).Close(); err != nil {
+			return nil, err
+		}
+		if !errors.Is(tx.Commit(ctx), errManaged) || !errors.Is(tx.Rollback(ctx), errManaged) {
+			return nil, status.Error(codes.Internal, "the handler could end the transaction")
+		}
+		var n2 int64
+		if err := tx.QueryRow(ctx, `SELECT count(*) FROM `+b.table).Scan(&n2); err != nil {
+			return nil, err
+		}
+		return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("rows_%d", n2)}, nil
+	}
+	ctx := testCtx(t)
+	resp, _, err := b.charge(ctx, "api", 4)
+	require.NoError(t, err)
+	require.Equal(t, "rows_2", resp.GetChargeId(), "the savepoint's row was not rolled back, or a row is missing")
+	require.Equal(t, 2, b.rows(t))
+
+	resp, _, err = b.charge(ctx, "untouched", 0)
+	require.NoError(t, err)
+	require.Equal(t, "untouched", resp.GetChargeId())
+	again, h, err := b.charge(ctx, "untouched", 0)
+	require.NoError(t, err)
+	require.Equal(t, []string{"true"}, h.Get(idempotency.ReplayedHeader))
+	require.Equal(t, "untouched", again.GetChargeId())
+	require.EqualValues(t, 2, b.svc.Runs.Load())
+}
+
+// Every statement of each kind, sent first in a call (riding behind BEGIN),
+// runs inside the transaction: a stored error rolls each back.
+func TestTxFirstStatementOfEachKindIsInTheTransaction(t *testing.T) {
+	for _, kind := range []string{"exec", "query", "queryrow", "batch", "copy"} {
+		t.Run(kind, func(t *testing.T) {
+			b := newBank(t)
+			b.svc.OnCharge = func(ctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+				tx := Tx(ctx)
+				insert := `INSERT INTO ` + b.table + ` (amount) VALUES (1) RETURNING id`
+				var err error
+				switch kind {
+				case "exec":
+					_, err = tx.Exec(ctx, insert)
+				case "query":
+					var rows pgx.Rows
+					if rows, err = tx.Query(ctx, insert); err == nil {
+						rows.Close()
+						err = rows.Err()
+					}
+				case "queryrow":
+					var id int64
+					err = tx.QueryRow(ctx, insert).Scan(&id)
+				case "batch":
+					batch := &pgx.Batch{}
+					batch.Queue(insert)
+					err = tx.SendBatch(ctx, batch).Close()
+				case "copy":
+					_, err = tx.CopyFrom(ctx, pgx.Identifier{b.table}, []string{"amount"}, pgx.CopyFromRows([][]any{{int64(1)}}))
+				}
+				if err != nil {
+					return nil, status.Errorf(codes.Internal, "%s: %v", kind, err)
+				}
+				return nil, status.Error(codes.InvalidArgument, "refused after writing")
+			}
+			_, _, err := b.charge(testCtx(t), "k", 1)
+			require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+			require.Equal(t, 0, b.rows(t), "the %s write escaped the transaction", kind)
+		})
+	}
+}

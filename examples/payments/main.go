@@ -197,19 +197,53 @@ func demoCommand(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]", stderr)
+	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--postgres DSN] [--lease DURATION] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]", stderr)
 	addr := fs.String("addr", "127.0.0.1:50051", "`host:port` to listen on")
 	redisAddrs := fs.String("redis", "", redisFlagHelp)
+	pgDSN := fs.String("postgres", "", "keep the charges in the `DSN`'s charges table (created if missing), and, unless --redis is given too, the idempotency records in its idempotency_records table, committed in the same transaction as each charge")
+	lease := fs.Duration("lease", 0, "the idempotency lease of a running call (default 30s)")
 	latency := fs.Duration("latency", 0, "how long each real charge takes, like a slow payment provider (e.g. 2s)")
 	metricsAddr := fs.String("metrics-addr", "", "`host:port` to serve the idempotency metrics on, at /metrics in the Prometheus text format (default: none)")
+	chaosKill := fs.Float64("chaos-kill", 0, "for crash tests: the `probability` that the process SIGKILLs itself at each of three points of a charge (before its write, after it, after the outcome is stored)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	store, err := openStore(ctx, *redisAddrs)
-	if err != nil {
-		return err
+	if *lease < 0 || (*lease > 0 && *lease < time.Millisecond) {
+		return fmt.Errorf("--lease %v: want at least 1ms", *lease)
 	}
-	defer store.close()
+	if *chaosKill < 0 || *chaosKill >= 1 {
+		return fmt.Errorf("--chaos-kill %v: want a probability in [0, 1)", *chaosKill)
+	}
+	logger := log.New(stderr, "", log.LstdFlags)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var store idempotency.Store
+	var storeDesc, embeddedAddr string
+	var book *pgBook
+	if *pgDSN != "" {
+		var err error
+		if book, err = openBook(ctx, *pgDSN); err != nil {
+			return err
+		}
+		defer book.pool.Close()
+	}
+	if book != nil && *redisAddrs == "" {
+		pgStore, err := openPostgresStore(ctx, book.pool, logger.Printf)
+		if err != nil {
+			return err
+		}
+		store, storeDesc = pgStore, "Postgres (each charge and its outcome commit in one transaction)"
+	} else {
+		rs, err := openStore(ctx, *redisAddrs)
+		if err != nil {
+			return err
+		}
+		defer rs.close()
+		store, storeDesc, embeddedAddr = rs, rs.desc, rs.embeddedAddr
+		if book != nil {
+			storeDesc += "; charges in Postgres, each in a transaction of its own"
+		}
+	}
 	lis, err := net.Listen("tcp", *addr)
 	if err != nil {
 		return err
@@ -222,18 +256,24 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		defer metricsLis.Close()
 	}
-	logger := log.New(stderr, "", log.LstdFlags)
 	logger.Printf("serving payments.v1.PaymentsService on %s (reflection on); idempotency store: %s; latency per charge: %s",
-		lis.Addr(), store.desc, *latency)
-	if store.embeddedAddr != "" {
+		lis.Addr(), storeDesc, *latency)
+	if embeddedAddr != "" {
 		logger.Printf("embedded Redis at %s: while this server runs, look a record up with: payments inspect --redis %s --key K",
-			store.embeddedAddr, store.embeddedAddr)
+			embeddedAddr, embeddedAddr)
 	}
 	if metricsLis != nil {
 		logger.Printf("metrics at http://%s/metrics (Prometheus text format)", metricsLis.Addr())
 	}
 	logger.Printf("try: grpcurl -plaintext -H 'idempotency-key: k1' -d '{\"account_id\":\"acct_1\",\"amount_cents\":1999,\"currency\":\"EUR\"}' %s payments.v1.PaymentsService/Charge", lis.Addr())
-	return serve(ctx, lis, serveOptions{store: store, latency: *latency, metricsLis: metricsLis, logger: logger})
+	o := serveOptions{store: store, latency: *latency, metricsLis: metricsLis, logger: logger, book: book}
+	if *lease > 0 {
+		o.opts = append(o.opts, idempotency.WithLease(*lease))
+	}
+	if *chaosKill > 0 {
+		o.chaos = &chaos{rate: *chaosKill, logf: logger.Printf}
+	}
+	return serve(ctx, lis, o)
 }
 
 // serveOptions configure serve.
@@ -243,6 +283,12 @@ type serveOptions struct {
 	// metricsLis, when set, serves the interceptor's metrics at /metrics.
 	metricsLis net.Listener
 	logger     *log.Logger
+	// book, when set, keeps the charges in Postgres.
+	book *pgBook
+	// opts are extra options of the idempotency interceptor.
+	opts []idempotency.Option
+	// chaos, when set, may kill the process around each charge.
+	chaos *chaos
 }
 
 // serve serves the payments service on lis until ctx is done, then stops
@@ -250,10 +296,12 @@ type serveOptions struct {
 // flight. The metrics endpoint, if any, stays up until they are done.
 func serve(ctx context.Context, lis net.Listener, o serveOptions) error {
 	logger := o.logger
+	led := newLedger(o.latency)
+	led.book, led.chaos = o.book, o.chaos
 	cfg := serverConfig{
-		ledger:   newLedger(o.latency),
+		ledger:   led,
 		store:    o.store,
-		opts:     []idempotency.Option{idempotency.WithLogger(slog.New(slog.NewTextHandler(logger.Writer(), nil)))},
+		opts:     append([]idempotency.Option{idempotency.WithLogger(slog.New(slog.NewTextHandler(logger.Writer(), nil)))}, o.opts...),
 		logLine:  func(line string) { logger.Print(line) },
 		detailed: true,
 	}

@@ -33,6 +33,12 @@ type ledger struct {
 
 	latency atomic.Int64 // time.Duration each real charge takes
 
+	// book, when set, keeps the charges in Postgres (serve --postgres);
+	// otherwise they are kept in charges, in memory.
+	book *pgBook
+	// chaos, when set, may kill the process around a charge's write.
+	chaos *chaos
+
 	mu      sync.Mutex
 	charges []*paymentsv1.Charge
 }
@@ -80,15 +86,31 @@ func (l *ledger) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*pa
 		Currency:    req.GetCurrency(),
 		CreatedAt:   timestamppb.Now(),
 	}
+	l.chaos.maybeKill("before-write")
+	if l.book != nil {
+		if err := l.book.add(ctx, c); err != nil {
+			return nil, status.Errorf(codes.Unavailable, "recording the charge: %v", err)
+		}
+		l.chaos.maybeKill("after-write")
+		return &paymentsv1.ChargeResponse{Charge: c}, nil
+	}
 	l.mu.Lock()
 	l.charges = append(l.charges, c)
 	l.mu.Unlock()
+	l.chaos.maybeKill("after-write")
 	return &paymentsv1.ChargeResponse{Charge: c}, nil
 }
 
 // ListCharges lists the charges of an account, oldest first; an empty
 // account_id lists every charge.
-func (l *ledger) ListCharges(_ context.Context, req *paymentsv1.ListChargesRequest) (*paymentsv1.ListChargesResponse, error) {
+func (l *ledger) ListCharges(ctx context.Context, req *paymentsv1.ListChargesRequest) (*paymentsv1.ListChargesResponse, error) {
+	if l.book != nil {
+		charges, err := l.book.list(ctx, req.GetAccountId())
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "listing the charges: %v", err)
+		}
+		return &paymentsv1.ListChargesResponse{Charges: charges}, nil
+	}
 	return &paymentsv1.ListChargesResponse{Charges: l.list(req.GetAccountId())}, nil
 }
 
@@ -147,6 +169,15 @@ func newServer(cfg serverConfig, opts ...grpc.ServerOption) *grpc.Server {
 			observer = func(ctx context.Context, e idempotency.Event) {
 				observe(ctx, e)
 				m(ctx, e)
+			}
+		}
+		if c := cfg.ledger.chaos; c != nil {
+			inner := observer
+			observer = func(ctx context.Context, e idempotency.Event) {
+				inner(ctx, e)
+				if e.Outcome == idempotency.OutcomeExecuted {
+					c.maybeKill("after-commit") // the outcome is stored; the answer not yet sent
+				}
 			}
 		}
 		iopts := append([]idempotency.Option{idempotency.WithObserver(observer)}, cfg.opts...)
