@@ -21,6 +21,11 @@
 //		})
 //	}
 //
+// A [idempotency.TxStore] (a store that runs the handler in its own
+// transaction) also runs RunTxStoreTests, with a business write to make
+// inside the transaction and a count of the committed ones; the postgres
+// module's store does.
+//
 // Each rule is a subtest whose name says the rule; a failure message names
 // the rule broken and what the store did instead. Run it with -race: one
 // rule has 32 goroutines claim the same key at once.

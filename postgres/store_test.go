@@ -1,6 +1,9 @@
 package idempotencypg
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"strings"
 
 	"github.com/stretchr/testify/require"
@@ -29,4 +32,31 @@ func TestNewSaysWhatIsMissing(t *testing.T) {
 		require.Panics(t, func() { WithTable(bad) }, bad)
 	}
 	require.NotPanics(t, func() { WithTable("billing.Idempotency_Records") })
+}
+
+// TestTxConformance runs the public TxStore contract: a business table of
+// its own per rule, written through Tx(ctx).
+func TestTxConformance(t *testing.T) {
+	idempotencytest.RunTxStoreTests(t, func(t *testing.T) idempotencytest.TxHarness {
+		s, pool := testStore(t)
+		table := fmt.Sprintf("business_%d", tables.Add(1))
+		_, err := pool.Exec(testCtx(t), `CREATE TABLE `+table+` (id bigserial PRIMARY KEY)`)
+		require.NoError(t, err)
+		return idempotencytest.TxHarness{
+			Store: s,
+			Write: func(ctx context.Context) error {
+				tx := Tx(ctx)
+				if tx == nil {
+					return errors.New("no transaction in the context")
+				}
+				_, err := tx.Exec(ctx, `INSERT INTO `+table+` DEFAULT VALUES`)
+				return err
+			},
+			Writes: func(t *testing.T) int {
+				var n int
+				require.NoError(t, pool.QueryRow(testCtx(t), `SELECT count(*) FROM `+table).Scan(&n))
+				return n
+			},
+		}
+	})
 }
