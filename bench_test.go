@@ -813,31 +813,37 @@ func BenchmarkCoalescing(b *testing.B) {
 
 // BenchmarkReplicaAcks measures what acknowledgements cost per call on a
 // master with one local replica: the call through the interceptor with
-// WithReplicaAcks(1) (redis-server) or WithFsyncAcks(1) (valkey-server,
-// appendonly yes, appendfsync everysec on both) against the same call with
-// no acknowledgements, on the same pair, timed in alternating blocks
-// (paired). It reports the acknowledged call's median, the ratio to the
-// unacknowledged one (x-no-acks) and the difference in PING round trips
+// WithReplicaAcks(1) (redis-server) or WithFsyncAcks(1) (valkey-server with
+// appendonly yes on both, appendfsync always or everysec) against the same
+// call with no acknowledgements, on the same pair, timed in alternating
+// blocks (paired). It reports the acknowledged call's median, the ratio to
+// the unacknowledged one (x-no-acks) and the difference in PING round trips
 // (extra-rtt/op). The acknowledgement rides in the script's pipeline, so
 // the round-trip count does not change; what it adds is the wait for the
-// replica (and the fsyncs).
+// replica (and the fsyncs). With appendfsync everysec a WAITAOF waits for
+// the next once-a-second fsync, about half a second per write: run that
+// case with a small -benchtime (e.g. 20x).
 func BenchmarkReplicaAcks(b *testing.B) {
-	for _, server := range []string{"redis-server", "valkey-server"} {
+	aof := func(fsync string) []string { return []string{"--appendonly", "yes", "--appendfsync", fsync} }
+	setups := []struct {
+		name, binary string
+		extra        []string
+		ack          RedisOption
+	}{
+		{"redis-server/WAIT", "redis-server", nil, WithReplicaAcks(1, 5*time.Second)},
+		{"valkey-server/WAITAOF-always", "valkey-server", aof("always"), WithFsyncAcks(1, 5*time.Second)},
+		{"valkey-server/WAITAOF-everysec", "valkey-server", aof("everysec"), WithFsyncAcks(1, 5*time.Second)},
+	}
+	for _, setup := range setups {
 		for _, path := range []string{"first", "replay"} {
-			b.Run(server+"/"+path, func(b *testing.B) {
+			b.Run(setup.name+"/"+path, func(b *testing.B) {
 				b.ReportAllocs()
-				var extra []string
-				ack := WithReplicaAcks(1, 5*time.Second)
-				if server == "valkey-server" {
-					extra = []string{"--appendonly", "yes", "--appendfsync", "everysec"}
-					ack = WithFsyncAcks(1, 5*time.Second)
-				}
-				pair := startReplicaPair(b, server, false, extra...)
+				pair := startReplicaPair(b, setup.binary, false, setup.extra...)
 				rt := &roundTrips{}
 				pair.masterRDB.AddHook(rt)
 				prefix := "bench-acks:"
 				plain := newBenchEnv(b, NewRedisStore(pair.masterRDB, WithKeyPrefix(prefix), WithRedisLogger(nil)), nil)
-				acked := newBenchEnv(b, NewRedisStore(pair.masterRDB, WithKeyPrefix(prefix), ack, WithRedisLogger(nil)), nil)
+				acked := newBenchEnv(b, NewRedisStore(pair.masterRDB, WithKeyPrefix(prefix), setup.ack, WithRedisLogger(nil)), nil)
 				plainKey, ackedKey := warmUp(b, plain, path), warmUp(b, acked, path)
 				call := acked.call(benchReq, ackedKey)
 				m := startMeter(b, rt)

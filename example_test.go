@@ -144,7 +144,7 @@ func ExampleNewRedisStore() {
 	}
 	// Output:
 	// payments: 64 hex digits; ttl: 24h0m0s
-	// could not check maxmemory-policy
+	// could not check maxmemory-policy and the other settings
 }
 
 // Lookup and Forget, for the support ticket "my charge is stuck": Lookup

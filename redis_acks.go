@@ -100,6 +100,12 @@ func WithReplicaAcks(replicas int, timeout time.Duration) RedisOption {
 // of writes. What happens when too few acknowledge is as for
 // WithReplicaAcks.
 //
+// Measure it before you rely on it: on Valkey 8.0.1 (BenchmarkReplicaAcks,
+// docs/PERFORMANCE.md) every acknowledged write waited about one second
+// with replicas >= 1 (the replica's fsync acknowledgement appears to arrive
+// only with its once-a-second REPLCONF ACK), and about a millisecond with
+// replicas 0.
+//
 // It needs Redis 7.2 or later (or Valkey) with appendonly yes on every
 // master. An older server, or appendonly no, refuses WAITAOF, so every claim
 // is released and refused (Unavailable, STORE_NOT_REPLICATED): nothing runs

@@ -72,7 +72,7 @@ func (s *RedisStore) CheckConfig(ctx context.Context) []string {
 	}
 	problems, err := s.bound(ctx, s.masterProblems)
 	if err != nil {
-		warnings = append(warnings, fmt.Sprintf("could not check the servers' settings (%v): make sure maxmemory-policy is noeviction, or Redis may evict idempotency records, in-progress claims included, and a retry of an evicted key runs the handler again", err))
+		warnings = append(warnings, fmt.Sprintf("could not check maxmemory-policy and the other settings (%v): make sure maxmemory-policy is noeviction, or Redis may evict idempotency records, in-progress claims included, and a retry of an evicted key runs the handler again", err))
 	}
 	return append(warnings, problems...)
 }
