@@ -1,6 +1,9 @@
 package idempotency
 
-import "testing"
+import (
+	"context"
+	"testing"
+)
 
 // The real-server harness of this package's tests, for its external tests
 // (package idempotency_test), which cannot see unexported test helpers.
@@ -14,3 +17,11 @@ func SharedRedisAddrForTest(t testing.TB) string { return sharedRedisServer(t).A
 // StartRedisClusterForTest starts a 3-master Redis Cluster for t and returns
 // its node addresses.
 func StartRedisClusterForTest(t *testing.T) []string { return relStartCluster(t) }
+
+// NewMemTxStoreForTest returns the in-memory TxStore of this package's
+// tests (store_tx_test.go), with the business write it counts and the count
+// of committed writes.
+func NewMemTxStoreForTest() (store TxStore, write func(context.Context) error, writes func() int) {
+	s := newMemTxStore()
+	return s, memWrite, s.writes
+}

@@ -61,3 +61,12 @@ func TestStoreConformance(t *testing.T) {
 		})
 	})
 }
+
+// The TxStore contract against the in-memory TxStore of the tests: a
+// second implementation, so the suite is not shaped to Postgres alone.
+func TestMemTxStoreConformance(t *testing.T) {
+	idempotencytest.RunTxStoreTests(t, func(t *testing.T) idempotencytest.TxHarness {
+		s, write, writes := idempotency.NewMemTxStoreForTest()
+		return idempotencytest.TxHarness{Store: s, Write: write, Writes: func(*testing.T) int { return writes() }}
+	})
+}

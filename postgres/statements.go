@@ -2,12 +2,7 @@ package idempotencypg
 
 import "strings"
 
-// Record states in the state column.
-const (
-	stateInProgress = 1
-	stateCompleted  = 2
-	stateFence      = 3
-)
+// The state column: 1 in progress, 2 completed, 3 fence (see schema.sql).
 
 // statements are the store's SQL for one table. Every lease and TTL is
 // counted on the database's clock (statement_timestamp(), the start of the
