@@ -30,6 +30,10 @@ import (
 //     with the TTL, or releases the key when the code is transient (see
 //     [DefaultStoredCode]) or the handler panics.
 //
+// When store is a [TxStore] (the postgres module's store), step 3 runs the
+// handler inside the store's transaction and commits the outcome in it:
+// the client gets the response only once both committed.
+//
 // Calls without a key pass through unless the method requires one (see
 // [KeyPolicy]). Store failures fail closed (Unavailable, STORE_UNAVAILABLE).
 // Every error the interceptor produces carries a google.rpc.ErrorInfo with

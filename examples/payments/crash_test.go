@@ -86,8 +86,13 @@ func (r crashRun) missing() int {
 	return n + r.keys - len(r.rowsPerKey)
 }
 
+// minKills is the fewest kills a crash storm makes: it charges more keys
+// until it had them.
+const minKills = 30
+
 // runCrashStorm serves the example as a real process with serveArgs and
-// charges `keys` keys from 8 workers, each key retried until it has an
+// charges at least `keys` keys (more until minKills kills happened) from 8
+// workers, each key retried until it has an
 // answer and then sent once more, while the server SIGKILLs itself at
 // random points of a charge (--chaos-kill) and the driver SIGKILLs it at
 // random moments too; a supervisor restarts it every time.
@@ -107,10 +112,10 @@ func runCrashStorm(t *testing.T, dsn string, keys int, serveArgs ...string) cras
 	}
 	defer logf.Close()
 
-	run := crashRun{keys: keys, killsAt: map[string]int{}, rowsPerKey: map[string]int{}}
+	run := crashRun{killsAt: map[string]int{}, rowsPerKey: map[string]int{}}
 	done := make(chan struct{})
 	supervised := make(chan struct{})
-	var outer atomic.Int64
+	var outer, self atomic.Int64
 	go func() { // the supervisor
 		defer close(supervised)
 		for {
@@ -125,6 +130,7 @@ func runCrashStorm(t *testing.T, dsn string, keys int, serveArgs ...string) cras
 			kill := time.NewTimer(time.Duration(100+rand.IntN(700)) * time.Millisecond)
 			select {
 			case <-exited:
+				self.Add(1) // --chaos-kill
 			case <-kill.C:
 				_ = cmd.Process.Signal(syscall.SIGKILL)
 				<-exited
@@ -179,10 +185,18 @@ func runCrashStorm(t *testing.T, dsn string, keys int, serveArgs ...string) cras
 			}
 		})
 	}
-	for i := range keys {
-		next <- i
+	// At least `keys` keys, and more until at least minKills kills
+	// happened, so that a fast machine does not prove less.
+	sent := 0
+	for ; sent < keys || outer.Load()+self.Load() < minKills; sent++ {
+		if time.Now().After(deadline) {
+			t.Errorf("only %d kills before the deadline", outer.Load()+self.Load())
+			break
+		}
+		next <- sent
 	}
 	close(next)
+	run.keys = sent
 	wg.Wait()
 	close(done)
 	<-supervised
@@ -235,7 +249,7 @@ func runCrashStorm(t *testing.T, dsn string, keys int, serveArgs ...string) cras
 	}
 	dupKeys, extra := run.duplicates()
 	t.Logf("crash storm %v: %d keys, %d answered, in %v; kills: %d self (%v) + %d from outside = %d; duplicated keys %d (%d extra rows), keys without a row %d, keys with different answers %d, in-progress records left %d (-1: not in Postgres)",
-		serveArgs, keys, run.answered, run.elapsed.Round(time.Millisecond), run.selfKills, run.killsAt, run.outerKills, run.selfKills+run.outerKills,
+		serveArgs, run.keys, run.answered, run.elapsed.Round(time.Millisecond), run.selfKills, run.killsAt, run.outerKills, run.selfKills+run.outerKills,
 		dupKeys, extra, run.missing(), run.differentAnswers, run.inProgressLeft)
 	return run
 }
@@ -258,8 +272,8 @@ func TestCrashStormPostgres(t *testing.T) {
 		t.Fatalf("exactly once broke: %d of %d keys answered, %d duplicated, %d without a row, %d with different answers, %d in progress",
 			run.answered, run.keys, dupKeys, run.missing(), run.differentAnswers, run.inProgressLeft)
 	}
-	if kills := run.selfKills + run.outerKills; kills < 30 {
-		t.Fatalf("only %d kills: the storm proves little; raise --chaos-kill", kills)
+	if kills := run.selfKills + run.outerKills; kills < minKills {
+		t.Fatalf("only %d kills: the storm proves little", kills)
 	}
 }
 
