@@ -44,8 +44,14 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 	if store == nil {
 		badOption("UnaryServerInterceptor", "nil", "a Store is required")
 	}
+	return newServer(store, opts).intercept
+}
+
+// newServer is the server interceptor's state.
+func newServer(store Store, opts []Option) *server {
 	s := &server{store: store, o: evaluateOptions(opts)}
 	s.txs, _ = store.(TxStore)
+	s.renewer = newRenewer(store, s.o.lease, s.o.renewHook)
 	s.policies.override = s.o.policy
 	if s.o.localCacheSize > 0 {
 		s.cache = newLocalCache(s.o.localCacheSize, s.o.localCacheAge)
@@ -53,12 +59,13 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 	if s.o.coalesce {
 		s.flights = &flights{m: make(map[string]*flight)}
 	}
-	return s.intercept
+	return s
 }
 
 type server struct {
 	store    Store
 	txs      TxStore // store, when it is one
+	renewer  *renewer
 	o        *options
 	policies policyCache
 	cache    *localCache // nil unless WithLocalCache

@@ -102,6 +102,15 @@ func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Dur
 	return nil
 }
 
+// RenewBatch implements [BatchRenewer]: Renew of each key, under one lock.
+func (s *MemoryStore) RenewBatch(ctx context.Context, keys, tokens []string, lease time.Duration) []error {
+	errs := make([]error, len(keys))
+	for i := range keys {
+		errs[i] = s.Renew(ctx, keys[i], tokens[i], lease)
+	}
+	return errs
+}
+
 // Complete implements [Store.Complete].
 func (s *MemoryStore) Complete(_ context.Context, key, token string, record []byte, ttl time.Duration) error {
 	if err := checkExpiry("memory store", "ttl", ttl); err != nil {

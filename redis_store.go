@@ -175,6 +175,91 @@ func (s *RedisStore) Renew(ctx context.Context, key, token string, lease time.Du
 	return s.fenced(ctx, "renew", renewScript, key, token, lease.Milliseconds())
 }
 
+// RenewBatch implements [BatchRenewer]: the renewal scripts of all keys in
+// one pipeline, which go-redis sends as one round trip per Redis node
+// (Cluster included). Renewals are not acknowledged by replicas
+// ([WithReplicaAcks]): a lost renewal costs at most a lease.
+func (s *RedisStore) RenewBatch(ctx context.Context, keys, tokens []string, lease time.Duration) []error {
+	errs := make([]error, len(keys))
+	if err := checkExpiry("redis", "lease", lease); err != nil {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	p, ok := s.client.(pipeliner)
+	if !ok {
+		return nil // the caller renews one by one
+	}
+	s.firstUse()
+	send := func(eval bool, todo []int) []*redis.Cmd {
+		pipe := p.Pipeline()
+		cmds := make([]*redis.Cmd, len(keys))
+		for _, i := range todo {
+			args := []string{s.prefix + keys[i]}
+			if eval {
+				cmds[i] = renewScript.Eval(ctx, pipe, args, tokens[i], lease.Milliseconds())
+			} else {
+				cmds[i] = renewScript.EvalSha(ctx, pipe, args, tokens[i], lease.Milliseconds())
+			}
+		}
+		if s.bounded || ctx.Done() == nil {
+			_, _ = pipe.Exec(ctx)
+			return cmds
+		}
+		done := make(chan struct{})
+		go func() { _, _ = pipe.Exec(ctx); close(done) }()
+		select {
+		case <-done:
+			return cmds
+		case <-ctx.Done():
+			return nil
+		}
+	}
+	all := make([]int, len(keys))
+	for i := range all {
+		all[i] = i
+	}
+	cmds := send(false, all)
+	if cmds == nil {
+		for i := range errs {
+			errs[i] = fmt.Errorf("idempotency: redis renew: %w", ctx.Err())
+		}
+		return errs
+	}
+	var noScript []int
+	for i, c := range cmds {
+		if redis.HasErrorPrefix(c.Err(), "NOSCRIPT") {
+			noScript = append(noScript, i)
+		}
+	}
+	if len(noScript) > 0 {
+		// Eval loads the script into the cache too.
+		again := send(true, noScript)
+		for _, i := range noScript {
+			if again == nil {
+				cmds[i] = redis.NewCmd(ctx)
+				cmds[i].SetErr(ctx.Err())
+			} else {
+				cmds[i] = again[i]
+			}
+		}
+	}
+	for i, c := range cmds {
+		n, err := c.Int()
+		switch {
+		case err != nil:
+			if errors.Is(err, redis.Nil) {
+				err = errors.New("nil reply")
+			}
+			errs[i] = fmt.Errorf("idempotency: redis renew: %w", err)
+		case n == 0:
+			errs[i] = ErrLeaseLost
+		}
+	}
+	return errs
+}
+
 // Complete implements [Store.Complete].
 func (s *RedisStore) Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error {
 	if err := checkExpiry("redis", "ttl", ttl); err != nil {

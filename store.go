@@ -99,3 +99,17 @@ func StoreKey(fullMethod, scope, key string) string {
 	sum := sha256.Sum256(buf)
 	return hex.EncodeToString(sum[:])
 }
+
+// BatchRenewer is implemented by stores that renew many leases in one
+// round trip. The server interceptor keeps the leases of all its calls in
+// flight with one goroutine, and renews the ones that are due together: with
+// a BatchRenewer in one call, otherwise with concurrent Renew calls.
+// [RedisStore] (one pipelined round trip per Redis node) and [MemoryStore]
+// implement it.
+type BatchRenewer interface {
+	// RenewBatch renews the lease of each key, owned by the token at the
+	// same index, exactly as Renew does, and returns one error per key:
+	// nil, ErrLeaseLost, or the store's failure. A result of another length
+	// makes the caller renew the keys one by one.
+	RenewBatch(ctx context.Context, keys, tokens []string, lease time.Duration) []error
+}

@@ -9,7 +9,7 @@ import "strings"
 // statement, also inside the handler's long transaction), so the clocks of
 // the application servers never matter.
 type statements struct {
-	claim, renew, complete, release, get, forget, commit, sweep, resolve string
+	claim, renew, renewBatch, complete, release, get, forget, commit, sweep, resolve string
 }
 
 // claimOutcome values of the claim statement's first column.
@@ -51,6 +51,12 @@ FROM {table} r WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM c)`),
 
 		renew: r.Replace(`UPDATE {table} SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond'
 WHERE key = $1 AND state = 1 AND token = $2 AND expires_at > statement_timestamp()`),
+
+		// Every (key, token) pair at once; the keys renewed come back.
+		renewBatch: r.Replace(`UPDATE {table} AS r SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond'
+FROM unnest($1::text[], $2::text[]) AS u(key, token)
+WHERE r.key = u.key AND r.token = u.token AND r.state = 1 AND r.expires_at > statement_timestamp()
+RETURNING r.key`),
 
 		// true: written, or already completed by token (idempotent); false:
 		// another owner, a completed record of another token, or token's

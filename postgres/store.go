@@ -143,6 +143,40 @@ func (s *Store) Renew(ctx context.Context, key, token string, lease time.Duratio
 	return nil
 }
 
+// RenewBatch implements [idempotency.BatchRenewer]: one UPDATE for every
+// key, so the server's renewer renews all the leases that are due in one
+// round trip.
+func (s *Store) RenewBatch(ctx context.Context, keys, tokens []string, lease time.Duration) []error {
+	errs := make([]error, len(keys))
+	fail := func(err error) []error {
+		for i := range errs {
+			errs[i] = err
+		}
+		return errs
+	}
+	if err := checkExpiry("lease", lease); err != nil {
+		return fail(err)
+	}
+	rows, err := s.pool.Query(ctx, s.sql.renewBatch, keys, tokens, lease.Milliseconds())
+	if err != nil {
+		return fail(fmt.Errorf("idempotencypg: renew: %w", err))
+	}
+	renewed, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fail(fmt.Errorf("idempotencypg: renew: %w", err))
+	}
+	done := make(map[string]bool, len(renewed))
+	for _, k := range renewed {
+		done[k] = true
+	}
+	for i, k := range keys {
+		if !done[k] {
+			errs[i] = idempotency.ErrLeaseLost
+		}
+	}
+	return errs
+}
+
 // Complete implements [idempotency.Store.Complete].
 func (s *Store) Complete(ctx context.Context, key, token string, record []byte, ttl time.Duration) error {
 	return s.complete(ctx, s.pool, key, token, record, ttl)
@@ -216,6 +250,7 @@ func (s *Store) Delete(ctx context.Context, key string) error {
 }
 
 var (
-	_ idempotency.TxStore    = (*Store)(nil)
-	_ idempotency.AdminStore = (*Store)(nil)
+	_ idempotency.TxStore      = (*Store)(nil)
+	_ idempotency.AdminStore   = (*Store)(nil)
+	_ idempotency.BatchRenewer = (*Store)(nil)
 )

@@ -5,11 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-
-	"github.com/stretchr/testify/require"
 	"testing"
+	"time"
 
+	"github.com/idempotency-grpc/idempotency"
 	"github.com/idempotency-grpc/idempotency/idempotencytest"
+	"github.com/stretchr/testify/require"
 )
 
 // TestConformance runs the public Store contract against a real Postgres,
@@ -59,4 +60,28 @@ func TestTxConformance(t *testing.T) {
 			},
 		}
 	})
+}
+
+// RenewBatch renews the keys their tokens own, in one statement, and
+// reports the others lost.
+func TestRenewBatch(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := testCtx(t)
+	k := func(n int) string { return fmt.Sprintf("%064x", n) }
+	for i := range 3 {
+		_, err := s.Claim(ctx, k(i), fmt.Sprint("tok", i), []byte("in progress"), time.Minute)
+		require.NoError(t, err)
+	}
+	errs := s.RenewBatch(ctx, []string{k(0), k(1), k(2), k(3)}, []string{"tok0", "other", "tok2", "tok3"}, time.Hour)
+	require.Len(t, errs, 4)
+	require.NoError(t, errs[0])
+	require.ErrorIs(t, errs[1], idempotency.ErrLeaseLost)
+	require.NoError(t, errs[2])
+	require.ErrorIs(t, errs[3], idempotency.ErrLeaseLost, "an absent key")
+	_, ttl, err := s.Get(ctx, k(0))
+	require.NoError(t, err)
+	require.Greater(t, ttl, 30*time.Minute, "the renewed lease")
+	_, ttl, err = s.Get(ctx, k(1))
+	require.NoError(t, err)
+	require.LessOrEqual(t, ttl, time.Minute, "a lease renewed by another token")
 }
