@@ -285,8 +285,12 @@ func verdict(ev *idempotency.Event, protected bool) string {
 	case idempotency.OutcomeReleased:
 		return "executed, outcome not stored (transient error)"
 	case idempotency.OutcomeTooLarge, idempotency.OutcomeLeaseLost, idempotency.OutcomeNotStored,
-		idempotency.OutcomeFailOpen, idempotency.OutcomePanicked:
+		idempotency.OutcomeNotReplicated, idempotency.OutcomeFailOpen, idempotency.OutcomePanicked:
 		return "executed (" + string(ev.Outcome) + ")"
+	case idempotency.OutcomeRolledBack:
+		return "executed, then rolled back: nothing it wrote was kept"
+	case idempotency.OutcomeCommitUnknown:
+		return "executed, but the commit's reply was lost"
 	default:
 		return "refused (" + string(ev.Outcome) + ")"
 	}
