@@ -24,12 +24,7 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	if c.ex != nil {
 		return s.executeTx(ctx, c, req, handler)
 	}
-	hctx := contextWithServerKey(ctx, c.key)
-	var cs *capturingStream
-	if st := grpc.ServerTransportStreamFromContext(ctx); st != nil {
-		cs = &capturingStream{ServerTransportStream: st}
-		hctx = grpc.NewContextWithServerTransportStream(hctx, cs)
-	}
+	hctx, cs := handlerContext(ctx, c)
 	// The lease is kept until the outcome is written, so a write that must
 	// be retried (Redis briefly unreachable) does not let the lease end under
 	// it. A release stops it first: a key being freed needs no lease.
@@ -95,6 +90,19 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	}
 	s.emit(ctx, c)
 	return resp, err
+}
+
+// handlerContext is the context the handler runs with: the key, and a
+// stream that captures the header and trailer it sets (nil without a
+// server transport stream).
+func handlerContext(ctx context.Context, c *call) (context.Context, *capturingStream) {
+	hctx := contextWithServerKey(ctx, c.key)
+	st := grpc.ServerTransportStreamFromContext(ctx)
+	if st == nil {
+		return hctx, nil
+	}
+	cs := &capturingStream{ServerTransportStream: st}
+	return grpc.NewContextWithServerTransportStream(hctx, cs), cs
 }
 
 // handlerStatus returns the status grpc-go sends for a handler's error: the

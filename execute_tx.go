@@ -19,12 +19,7 @@ import (
 // its own; a transient error, a panic or an unencodable outcome rolls back
 // and releases the key.
 func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (resp any, err error) {
-	hctx := contextWithServerKey(ctx, c.key)
-	var cs *capturingStream
-	if st := grpc.ServerTransportStreamFromContext(ctx); st != nil {
-		cs = &capturingStream{ServerTransportStream: st}
-		hctx = grpc.NewContextWithServerTransportStream(hctx, cs)
-	}
+	hctx, cs := handlerContext(ctx, c)
 	keeper := s.keepLease(c)
 	hctx, berr := c.ex.Begin(hctx)
 	if berr != nil {

@@ -80,12 +80,7 @@ func (s *server) keepLease(c *call) *leaseKeeper {
 	r := s.renewer
 	k := &leaseKeeper{r: r, key: c.storeKey, token: c.token, record: c.inProgress, heapIndex: -1, backoff: r.base}
 	r.mu.Lock()
-	k.due = time.Now().Add(r.every)
-	k.elem = r.queue.PushBack(k) // every due time is now+every: the queue stays in order
-	if !r.running {
-		r.running = true
-		go r.run()
-	}
+	r.requeueLocked(k, time.Now())
 	r.mu.Unlock()
 	return k
 }
@@ -249,7 +244,8 @@ func (r *renewer) takeBack(k *leaseKeeper) {
 	// Otherwise another call owns the key: the lease is lost for good.
 }
 
-// requeueLocked schedules k's next periodic renewal. Callers hold r.mu.
+// requeueLocked schedules k's next periodic renewal. Every due time is
+// now + every, so the queue stays in order. Callers hold r.mu.
 func (r *renewer) requeueLocked(k *leaseKeeper, now time.Time) {
 	k.due = now.Add(r.every)
 	k.elem = r.queue.PushBack(k)

@@ -19,6 +19,19 @@ const (
 	claimFenced = 3 // token was fenced off by Forget
 )
 
+// writeOutcome is the fenced write of a completed record that complete
+// and commit share: it stores the record when the key is free (absent or
+// expired) or held by the token, and names the row written "c".
+const writeOutcome = `WITH c AS (
+  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
+  VALUES ($1, 2, $2, false, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond')
+  ON CONFLICT (key) DO UPDATE
+  SET state = 2, token = excluded.token, locked = false, record = excluded.record, expires_at = excluded.expires_at
+  WHERE r.expires_at <= statement_timestamp() OR (r.state = 1 AND r.token = excluded.token)
+  RETURNING 1
+)
+`
+
 func newStatements(table string) statements {
 	r := strings.NewReplacer("{table}", table)
 	return statements{
@@ -62,15 +75,7 @@ RETURNING r.key`),
 		// another owner, a completed record of another token, or token's
 		// fence. No row: written by a concurrent call after the snapshot,
 		// so not token's.
-		complete: r.Replace(`WITH c AS (
-  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
-  VALUES ($1, 2, $2, false, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond')
-  ON CONFLICT (key) DO UPDATE
-  SET state = 2, token = excluded.token, locked = false, record = excluded.record, expires_at = excluded.expires_at
-  WHERE r.expires_at <= statement_timestamp() OR (r.state = 1 AND r.token = excluded.token)
-  RETURNING 1
-)
-SELECT true FROM c
+		complete: r.Replace(writeOutcome + `SELECT true FROM c
 UNION ALL
 SELECT r.state = 2 AND r.token = $2 FROM {table} r WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM c)`),
 
@@ -99,17 +104,8 @@ SELECT EXISTS (SELECT 1 FROM f) OR EXISTS (SELECT 1 FROM d)`),
 		// The outcome, written in the handler's transaction and fenced on
 		// the token like complete. When the fence fails the division by
 		// zero aborts the transaction, so the COMMIT queued behind it in the
-		// same round trip never runs. The transaction id lets a commit whose
-		// reply was lost be resolved (pg_xact_status).
-		commit: r.Replace(`WITH c AS (
-  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
-  VALUES ($1, 2, $2, false, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond')
-  ON CONFLICT (key) DO UPDATE
-  SET state = 2, token = excluded.token, locked = false, record = excluded.record, expires_at = excluded.expires_at
-  WHERE r.expires_at <= statement_timestamp() OR (r.state = 1 AND r.token = excluded.token)
-  RETURNING 1
-)
-SELECT 1 / (SELECT count(*)::int FROM c)`),
+		// same round trip never runs.
+		commit: r.Replace(writeOutcome + `SELECT 1 / (SELECT count(*)::int FROM c)`),
 
 		// Oldest first, skipping rows a claim holds locked right now.
 		sweep: r.Replace(`DELETE FROM {table} WHERE key IN (

@@ -52,7 +52,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Store, error
 		return nil, fmt.Errorf("idempotencypg: New: cannot reach the database: %w", err)
 	}
 	if version < 130000 {
-		return nil, fmt.Errorf("idempotencypg: New: PostgreSQL %d.%d is too old: the store needs 13 or later (pg_xact_status)", version/10000, version%10000)
+		return nil, fmt.Errorf("idempotencypg: New: PostgreSQL %d.%d is too old: the store needs 13 or later", version/10000, version%10000)
 	}
 	if !exists {
 		return nil, fmt.Errorf("idempotencypg: New: table %s does not exist: create it with CreateSchema, or apply Schema() in your migrations", o.table.Sanitize())
