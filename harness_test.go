@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -264,7 +265,11 @@ func redisBackend(t *testing.T, name string, c redis.UniversalClient) *backend {
 		prefix: prefix,
 		expire: func(k string) { c.Del(ctx, prefix+k) },
 		plant: func(k string, rec []byte) {
-			if err := c.HSet(ctx, prefix+k, "rec", rec).Err(); err != nil {
+			v, err := layoutValue(stateCompleted, "planted", rec)
+			if err == nil {
+				err = c.Set(ctx, prefix+k, v, 0).Err()
+			}
+			if err != nil {
 				t.Fatalf("plant record: %v", err)
 			}
 		},
@@ -284,4 +289,18 @@ func newRedisClient(t testing.TB, addr string) *redis.Client {
 	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, DialTimeout: time.Second})
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// rawRedisRecord reads the encoded record stored under the full Redis key
+// fullKey, in either layout (see redis_layout.go). It returns redis.Nil
+// when there is none.
+func rawRedisRecord(ctx context.Context, c redis.Cmdable, fullKey string) ([]byte, error) {
+	v, err := c.Get(ctx, fullKey).Result()
+	if err != nil && strings.Contains(err.Error(), "WRONGTYPE") {
+		return c.HGet(ctx, fullKey, "rec").Bytes()
+	}
+	if err != nil {
+		return nil, err
+	}
+	return layoutRecord(v)
 }

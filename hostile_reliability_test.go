@@ -265,37 +265,67 @@ func TestHostileRecordsInRedis(t *testing.T) {
 			}
 		}
 	}
+	// put plants rec in the layout the store writes today; hset in layout
+	// 1, written by earlier versions.
+	put := func(rec []byte) plant {
+		return func(k string) {
+			v, err := layoutValue(stateCompleted, "planted", rec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := rc.Set(ctx, prefix+k, v, 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	raw := func(v string) plant {
+		return func(k string) {
+			if err := rc.Set(ctx, prefix+k, v, 0).Err(); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	valid := string(completed(func(*idempotencyv1.Record) {}))
 	for _, tc := range []struct {
 		name  string
 		plant plant
 		want  string
 	}{
-		{"valid completed (control)", hset(completed(func(*idempotencyv1.Record) {})), "OK"},
-		{"another method's record", hset(completed(func(r *idempotencyv1.Record) { r.Method = methodCharge })), "DataLoss RECORD_CORRUPT"},
-		{"another registered response type", hset(completed(func(r *idempotencyv1.Record) {
+		{"layout 1, valid completed (control)", hset(completed(func(*idempotencyv1.Record) {})), "OK"},
+		{"layout 1, another method's record", hset(completed(func(r *idempotencyv1.Record) { r.Method = methodCharge })), "DataLoss RECORD_CORRUPT"},
+		{"layout 1, in progress, other request", hset(enc(&idempotencyv1.Record{Version: recordVersion,
+			State: idempotencyv1.Record_STATE_IN_PROGRESS, Fingerprint: other, Method: methodDo})), "FailedPrecondition KEY_REUSED"},
+		{"a hash without a record", func(k string) { rc.HSet(ctx, prefix+k, "x", "y") }, "DataLoss RECORD_CORRUPT"},
+		{"layout 2, another layout byte", raw("\x03D\x00" + valid), "DataLoss RECORD_CORRUPT"},
+		{"layout 2, header only", raw("\x02D\x00"), "DataLoss RECORD_CORRUPT"},
+		{"layout 2, unknown state", raw("\x02X\x01t" + valid), "DataLoss RECORD_CORRUPT"},
+		{"layout 2, token length past the end", raw("\x02D\xffabc"), "DataLoss RECORD_CORRUPT"},
+		{"valid completed (control)", put(completed(func(*idempotencyv1.Record) {})), "OK"},
+		{"another method's record", put(completed(func(r *idempotencyv1.Record) { r.Method = methodCharge })), "DataLoss RECORD_CORRUPT"},
+		{"another registered response type", put(completed(func(r *idempotencyv1.Record) {
 			r.ResponseType = "idempotency.testing.v1.ChargeResponse"
 		})), "DataLoss RECORD_CORRUPT"},
-		{"response bytes not a DoResponse", hset(completed(func(r *idempotencyv1.Record) { r.Response = []byte{0xff, 0xff, 0xff} })), "DataLoss RECORD_CORRUPT"},
-		{"no fingerprint", hset(completed(func(r *idempotencyv1.Record) { r.Fingerprint = nil })), "DataLoss RECORD_CORRUPT"},
-		{"other request's fingerprint", hset(completed(func(r *idempotencyv1.Record) { r.Fingerprint = other })), "FailedPrecondition KEY_REUSED"},
-		{"unknown state", hset(completed(func(r *idempotencyv1.Record) { r.State = 42 })), "DataLoss RECORD_CORRUPT"},
-		{"completed without status", hset(completed(func(r *idempotencyv1.Record) { r.Status = nil })), "DataLoss RECORD_CORRUPT"},
-		{"stored error code 999", hset(completed(func(r *idempotencyv1.Record) {
+		{"response bytes not a DoResponse", put(completed(func(r *idempotencyv1.Record) { r.Response = []byte{0xff, 0xff, 0xff} })), "DataLoss RECORD_CORRUPT"},
+		{"no fingerprint", put(completed(func(r *idempotencyv1.Record) { r.Fingerprint = nil })), "DataLoss RECORD_CORRUPT"},
+		{"other request's fingerprint", put(completed(func(r *idempotencyv1.Record) { r.Fingerprint = other })), "FailedPrecondition KEY_REUSED"},
+		{"unknown state", put(completed(func(r *idempotencyv1.Record) { r.State = 42 })), "DataLoss RECORD_CORRUPT"},
+		{"completed without status", put(completed(func(r *idempotencyv1.Record) { r.Status = nil })), "DataLoss RECORD_CORRUPT"},
+		{"stored error code 999", put(completed(func(r *idempotencyv1.Record) {
 			r.Status = &idempotencyv1.Status{Code: 999, Message: "from the future"}
 		})), "DataLoss RECORD_CORRUPT"},
-		{"header key with a space", hset(completed(func(r *idempotencyv1.Record) {
+		{"header key with a space", put(completed(func(r *idempotencyv1.Record) {
 			r.Header = []*idempotencyv1.MetadataEntry{{Key: "bad key", Values: [][]byte{[]byte("v")}}}
 		})), "DataLoss RECORD_CORRUPT"},
-		{"trailer value with a newline", hset(completed(func(r *idempotencyv1.Record) {
+		{"trailer value with a newline", put(completed(func(r *idempotencyv1.Record) {
 			r.Trailer = []*idempotencyv1.MetadataEntry{{Key: "x-t", Values: [][]byte{[]byte("a\r\nb")}}}
 		})), "DataLoss RECORD_CORRUPT"},
-		{"in progress, other request", hset(enc(&idempotencyv1.Record{Version: recordVersion,
+		{"in progress, other request", put(enc(&idempotencyv1.Record{Version: recordVersion,
 			State: idempotencyv1.Record_STATE_IN_PROGRESS, Fingerprint: other, Method: methodDo})), "FailedPrecondition KEY_REUSED"},
-		{"in progress, same request", hset(enc(&idempotencyv1.Record{Version: recordVersion,
+		{"in progress, same request", put(enc(&idempotencyv1.Record{Version: recordVersion,
 			State: idempotencyv1.Record_STATE_IN_PROGRESS, Fingerprint: fp, Method: methodDo})), "Aborted KEY_IN_PROGRESS"},
-		{"a string, not a hash", func(k string) { rc.Set(ctx, prefix+k, "plain string", 0) }, "DataLoss RECORD_CORRUPT"},
-		{"a list, not a hash", func(k string) { rc.RPush(ctx, prefix+k, "a", "b") }, "DataLoss RECORD_CORRUPT"},
-		{"5 MB of garbage", hset(bytes.Repeat([]byte{0xff}, 5<<20)), "DataLoss RECORD_CORRUPT"},
+		{"a string, not a record", func(k string) { rc.Set(ctx, prefix+k, "plain string", 0) }, "DataLoss RECORD_CORRUPT"},
+		{"a list, not a record", func(k string) { rc.RPush(ctx, prefix+k, "a", "b") }, "DataLoss RECORD_CORRUPT"},
+		{"5 MB of garbage", put(bytes.Repeat([]byte{0xff}, 5<<20)), "DataLoss RECORD_CORRUPT"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			k := "hostile-" + strings.NewReplacer(" ", "-", ",", "", "'", "").Replace(tc.name)
@@ -333,8 +363,10 @@ func TestHostileRecordsInRedis(t *testing.T) {
 	// Every fuzz seed, planted: whatever the answer, no run and no panic.
 	for i, rec := range fuzzRecordSeeds(t) {
 		k := fmt.Sprintf("seed-%d", i)
-		if err := rc.HSet(ctx, prefix+StoreKey(methodDo, "", k), "rec", rec).Err(); err != nil {
-			t.Fatal(err)
+		if i%2 == 0 {
+			put(rec)(StoreKey(methodDo, "", k))
+		} else {
+			hset(rec)(StoreKey(methodDo, "", k))
 		}
 		before := env.svc.Runs.Load()
 		_, err := env.client.Do(withKey(ctx, k), req)

@@ -112,7 +112,7 @@ func TestSlowHandlerAcrossServers(t *testing.T) {
 	for time.Since(start) < 2*lease+lease/2 {
 		time.Sleep(10 * time.Millisecond)
 	}
-	raw, err := rc.HGet(ctx, f.prefix+StoreKey(methodDo, "", "slow-key"), "rec").Bytes()
+	raw, err := rawRedisRecord(ctx, rc, f.prefix+StoreKey(methodDo, "", "slow-key"))
 	if rec, derr := decodeRecord(raw); err != nil || derr != nil || rec.GetState() != idempotencyv1.Record_STATE_IN_PROGRESS {
 		t.Fatalf("record after %v (lease %v): %v %v %v; want in progress", time.Since(start).Round(time.Millisecond), lease, rec.GetState(), err, derr)
 	}

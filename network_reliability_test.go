@@ -116,7 +116,7 @@ func TestNetworkResetAroundClaimAndComplete(t *testing.T) {
 			}
 			n := execs.Load()
 			notStored, leaseLost := events.count(OutcomeNotStored), events.count(OutcomeLeaseLost)
-			raw, herr := direct.HGet(context.Background(), prefix+StoreKey(methodDo, "", "net-key"), "rec").Bytes()
+			raw, herr := rawRedisRecord(context.Background(), direct, prefix+StoreKey(methodDo, "", "net-key"))
 			rec, derr := decodeRecord(raw)
 			switch {
 			case n == 1:

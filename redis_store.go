@@ -39,10 +39,11 @@ var (
 	forgetScript   = redis.NewScript(forgetLua)
 )
 
-// RedisStore is a [Store] on Redis. Each record is one Redis hash, and each
-// step (claim, renew, complete, release) is one Lua script touching that one
-// key, so it is atomic, costs one round trip, and works unchanged on Redis
-// Cluster. A replay costs one round trip (the claim returns the stored
+// RedisStore is a [Store] on Redis. Each record is one Redis string (its
+// state, its owner token and the encoded record; records written as hashes
+// by earlier versions are still read and acted on), and each step (claim,
+// renew, complete, release) is one Lua script touching that one key, so it
+// is atomic, costs one round trip, and works unchanged on Redis Cluster. A replay costs one round trip (the claim returns the stored
 // record); a first execution costs two (claim, complete), plus one renewal
 // per third of the lease while a slow handler runs.
 //
@@ -131,9 +132,13 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 	if err := checkExpiry("redis", "lease", lease); err != nil {
 		return ClaimResult{}, err
 	}
-	cmd, ackErr := s.runAcked(ctx, claimScript, s.prefix+key, token, record, lease.Milliseconds())
-	res, err := cmd.Slice()
-	if err == nil && ackErr != nil && len(res) == 1 && res[0] == int64(1) {
+	value, err := layoutValue(stateInProgress, token, record)
+	if err != nil {
+		return ClaimResult{}, err
+	}
+	cmd, ackErr := s.runAcked(ctx, claimScript, s.prefix+key, token, value, lease.Milliseconds())
+	reply, err := cmd.Result()
+	if err == nil && ackErr != nil && reply == int64(1) {
 		// Claimed, but a failover could lose the claim: free the key now
 		// (fenced by the token), and let the caller answer Unavailable.
 		if rerr := s.fenced(ctx, "release", releaseScript, key, token); rerr != nil && !errors.Is(rerr, ErrLeaseLost) {
@@ -148,19 +153,28 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 		}
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: %w", err)
 	}
-	switch {
-	case len(res) == 1 && res[0] == int64(1):
+	if reply == int64(1) {
 		return ClaimResult{Claimed: true}, nil
+	}
+	res, _ := reply.([]any)
+	switch {
 	case len(res) == 1 && res[0] == int64(2):
 		return ClaimResult{}, ErrLeaseLost
-	case len(res) != 3:
-		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: unexpected reply %v", res)
+	case len(res) != 3 && len(res) != 4:
+		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: unexpected reply %v", reply)
 	}
 	rec, ok := res[1].(string)
 	if !ok {
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: unexpected record type %T", res[1])
 	}
-	out := ClaimResult{Record: []byte(rec)}
+	var out ClaimResult
+	if len(res) == 4 {
+		if out.Record, err = layoutRecord(rec); err != nil {
+			return ClaimResult{}, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
+		}
+	} else {
+		out.Record = []byte(rec)
+	}
 	if ms, _ := res[2].(int64); ms > 0 {
 		out.TTL = time.Duration(ms) * time.Millisecond
 	}
@@ -265,10 +279,14 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, record []b
 	if err := checkExpiry("redis", "ttl", ttl); err != nil {
 		return err
 	}
-	if s.acks.none() {
-		return s.fenced(ctx, "complete", completeScript, key, token, record, ttl.Milliseconds())
+	value, err := layoutValue(stateCompleted, token, record)
+	if err != nil {
+		return err
 	}
-	cmd, ackErr := s.runAcked(ctx, completeScript, s.prefix+key, token, record, ttl.Milliseconds())
+	if s.acks.none() {
+		return s.fenced(ctx, "complete", completeScript, key, token, value, ttl.Milliseconds())
+	}
+	cmd, ackErr := s.runAcked(ctx, completeScript, s.prefix+key, token, value, ttl.Milliseconds())
 	n, err := cmd.Int()
 	switch {
 	case err != nil:
@@ -313,7 +331,13 @@ func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration
 	}
 	rec, _ := res[0].(string)
 	ms, _ := res[1].(int64)
-	return []byte(rec), time.Duration(ms) * time.Millisecond, nil
+	b := []byte(rec)
+	if len(res) == 4 {
+		if b, err = layoutRecord(rec); err != nil {
+			return nil, 0, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
+		}
+	}
+	return b, time.Duration(ms) * time.Millisecond, nil
 }
 
 // Delete implements [AdminStore.Delete]. Deleting an in-progress record

@@ -572,7 +572,7 @@ func (r *stormRun) check() {
 		if same && len(ks.successes) > 0 {
 			identical++
 		}
-		raw, err := r.cfg.check.HGet(ctx, r.prefix+storeKey, "rec").Bytes()
+		raw, err := rawRedisRecord(ctx, r.cfg.check, r.prefix+storeKey)
 		if isLost {
 			// Reported as not stored; it may have landed after all (a write
 			// whose reply was lost, or held by a partition).

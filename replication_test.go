@@ -134,7 +134,7 @@ func TestReplicaAcksOnARealReplica(t *testing.T) {
 		}
 		if i == 0 {
 			// No polling: the answer came after the replica acknowledged.
-			rec, err := p.replicaRDB.HGet(ctx, prefix+StoreKey(methodDo, "", "acked"), "rec").Bytes()
+			rec, err := rawRedisRecord(ctx, p.replicaRDB, prefix+StoreKey(methodDo, "", "acked"))
 			if err != nil {
 				t.Fatalf("the replica lacks the outcome when the caller got its answer: %v", err)
 			}

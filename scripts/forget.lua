@@ -1,29 +1,42 @@
 -- forget: delete the record of a key, whatever its state (support tooling).
--- KEYS[1]  record key
+-- KEYS[1]  record key (layout 2, or a layout-1 hash: see claim.lua)
 -- Deleting an in-progress record leaves, for the rest of its lease, a fence
--- naming its owner token: a new claim takes the key at once, but the owner,
--- if it is still running, can no longer renew, take back or complete it, so
--- a forgotten record is never written back.
+-- naming its owner token (a layout-2 value in state 'F'): a new claim takes
+-- the key at once, but the owner, if it is still running, can no longer
+-- renew, take back or complete it, so a forgotten record is never written
+-- back.
 -- Returns 1 when something was deleted, 0 when the key held no record.
 local t = redis.call('TYPE', KEYS[1])['ok']
 if t == 'none' then
   return 0
 end
-if t ~= 'hash' then
-  -- Not ours (a corrupt key): deleting it is how an operator repairs it.
-  return redis.call('DEL', KEYS[1])
-end
-local tok = redis.call('HGET', KEYS[1], 'tok')
-if not redis.call('HGET', KEYS[1], 'rec') then
-  if redis.call('HEXISTS', KEYS[1], 'fenced') == 1 then
-    return 0
+local owner
+if t == 'hash' then
+  -- Layout 1, written by an earlier version.
+  if not redis.call('HGET', KEYS[1], 'rec') then
+    if redis.call('HEXISTS', KEYS[1], 'fenced') == 1 then
+      return 0
+    end
+    return redis.call('DEL', KEYS[1])
   end
-  return redis.call('DEL', KEYS[1])
+  owner = redis.call('HGET', KEYS[1], 'tok')
+elseif t == 'string' then
+  local v = redis.call('GETRANGE', KEYS[1], 0, 258)
+  if string.byte(v, 1) == 2 then
+    local state = string.sub(v, 2, 2)
+    if state == 'F' then
+      return 0
+    end
+    if state == 'I' then
+      owner = string.sub(v, 4, 3 + (string.byte(v, 3) or 0))
+    end
+  end
 end
+-- Anything else is not ours (a corrupt key): deleting it is how an
+-- operator repairs it.
 local ttl = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1])
-if tok and ttl > 0 then
-  redis.call('HSET', KEYS[1], 'fenced', tok)
-  redis.call('PEXPIRE', KEYS[1], ttl)
+if owner and ttl > 0 then
+  redis.call('SET', KEYS[1], string.char(2) .. 'F' .. string.char(#owner) .. owner, 'PX', ttl)
 end
 return 1
