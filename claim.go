@@ -12,25 +12,13 @@ import (
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"google.golang.org/grpc"
-	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // claim claims the key and either executes the handler or answers from the
 // stored record. It loops only when waiting for a running first call.
 func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (any, error) {
 	var err error
-	c.inProgress, err = proto.Marshal(&idempotencyv1.Record{
-		Version:     recordVersion,
-		State:       idempotencyv1.Record_STATE_IN_PROGRESS,
-		Fingerprint: c.fp,
-		Method:      c.method,
-		CreateTime:  timestamppb.New(s.o.now()),
-		LeaseToken:  c.token,
-	})
-	if err != nil {
-		return nil, s.fail(ctx, c, OutcomeRejected, errEncodeRecord(c.method), err)
-	}
+	c.inProgress = encodeInProgress(c.fp, c.method, s.o.now(), c.token)
 	wait := s.o.pollInterval
 	for {
 		start, sent := time.Now(), s.o.now()

@@ -182,21 +182,20 @@ func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trail
 		CompleteTime: timestamppb.New(now),
 	}
 	rec.Status = wireStatus(st)
+	var b []byte
+	var err error
 	if st.Code() == codes.OK {
 		m, ok := resp.(proto.Message)
 		if !ok {
 			return nil, nil, "", fmt.Errorf("idempotency: response of type %T is not a protobuf message", resp)
 		}
-		b, err := deterministic.Marshal(m)
-		if err != nil {
-			return nil, nil, "", fmt.Errorf("idempotency: encode response: %w", err)
-		}
-		rec.Response = b
 		rec.ResponseType = string(m.ProtoReflect().Descriptor().FullName())
+		b, err = encodeWithResponse(rec, m)
+	} else if b, err = proto.Marshal(rec); err != nil {
+		err = fmt.Errorf("idempotency: encode record: %w", err)
 	}
-	b, err := proto.Marshal(rec)
 	if err != nil {
-		return nil, nil, "", fmt.Errorf("idempotency: encode record: %w", err)
+		return nil, nil, "", err
 	}
 	if len(b) <= s.o.maxRecordSize {
 		return b, rec, OutcomeExecuted, nil

@@ -15,7 +15,10 @@ type MemoryStore struct {
 	mu      sync.Mutex
 	now     func() time.Time
 	entries map[string]*memEntry
-	writes  uint64
+	// queues, by duration, drop expired entries as new ones are written.
+	queues map[time.Duration]*expiryQueue
+	order  []*expiryQueue // the queues, visited in turn
+	turn   int
 }
 
 type memEntry struct {
@@ -28,7 +31,7 @@ type memEntry struct {
 
 // NewMemoryStore returns an empty in-memory store.
 func NewMemoryStore() *MemoryStore {
-	return &MemoryStore{now: time.Now, entries: make(map[string]*memEntry)}
+	return &MemoryStore{now: time.Now, entries: make(map[string]*memEntry), queues: make(map[time.Duration]*expiryQueue)}
 }
 
 // live returns the unexpired entry of key, dropping an expired one. Callers
@@ -45,25 +48,68 @@ func (s *MemoryStore) live(key string) *memEntry {
 	return e
 }
 
-// sweep drops expired entries among up to 64 visited ones every 16th
-// write, in the spirit of Redis's active expiry: Go's map iteration starts at
-// a random place, so every entry is visited over time, and the cost per write
-// is bounded (4 visits on average) whatever the number of records. In a
-// steady state at most about a quarter of the entries are expired ones
-// waiting. Callers hold s.mu.
-func (s *MemoryStore) sweep() {
-	if s.writes++; s.writes%16 != 0 {
-		return
+// expiryQueue holds, in the order they were written, the entries written
+// with one duration (a lease, a TTL), hence in the order they expire.
+type expiryQueue struct {
+	items []expiryItem
+	head  int
+}
+
+type expiryItem struct {
+	key     string
+	e       *memEntry
+	expires time.Time
+}
+
+// maxExpiryQueues bounds the number of distinct durations tracked; entries
+// written with others expire only when read (see live).
+const maxExpiryQueues = 64
+
+// track queues e, just written under key with duration d, then drops up to
+// two expired entries at the front of that duration's queue and of one
+// other queue, taken in turn. Entries written with one duration expire in
+// the order they were written, so the front of each queue is its next
+// expiry: the cost per write is constant whatever the number of records,
+// and every queue drains faster than writes fill it, including one no
+// longer written to. An item whose entry was replaced, renewed or removed
+// since is skipped. Callers hold s.mu.
+func (s *MemoryStore) track(key string, e *memEntry, d time.Duration, now time.Time) {
+	q := s.queues[d]
+	if q == nil && len(s.queues) < maxExpiryQueues {
+		q = &expiryQueue{}
+		s.queues[d] = q
+		s.order = append(s.order, q)
 	}
-	now := s.now()
-	n := 0
-	for k, e := range s.entries {
-		if !now.Before(e.expires) {
-			delete(s.entries, k)
+	if q != nil {
+		q.items = append(q.items, expiryItem{key: key, e: e, expires: e.expires})
+		s.drop(q, now)
+	}
+	if len(s.order) > 1 {
+		s.turn = (s.turn + 1) % len(s.order)
+		if other := s.order[s.turn]; other != q {
+			s.drop(other, now)
 		}
-		if n++; n == 64 {
-			return
+	}
+}
+
+// drop removes up to two expired entries at the front of q. Callers hold
+// s.mu.
+func (s *MemoryStore) drop(q *expiryQueue, now time.Time) {
+	for i := 0; i < 2 && q.head < len(q.items); i++ {
+		it := &q.items[q.head]
+		if now.Before(it.expires) {
+			break
 		}
+		if cur, ok := s.entries[it.key]; ok && cur == it.e && !now.Before(cur.expires) {
+			delete(s.entries, it.key)
+		}
+		*it = expiryItem{}
+		q.head++
+	}
+	if q.head >= 64 && 2*q.head >= len(q.items) {
+		n := copy(q.items, q.items[q.head:])
+		clear(q.items[n:])
+		q.items, q.head = q.items[:n], 0
 	}
 }
 
@@ -82,8 +128,10 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte,
 			return ClaimResult{}, ErrLeaseLost
 		}
 	}
-	s.sweep()
-	s.entries[key] = &memEntry{token: token, record: bytes.Clone(record), expires: s.now().Add(lease)}
+	now := s.now()
+	e := &memEntry{token: token, record: bytes.Clone(record), expires: now.Add(lease)}
+	s.entries[key] = e
+	s.track(key, e, lease, now)
 	return ClaimResult{Claimed: true}, nil
 }
 
@@ -98,7 +146,9 @@ func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Dur
 	if e == nil || e.token != token {
 		return ErrLeaseLost
 	}
-	e.expires = s.now().Add(lease)
+	now := s.now()
+	e.expires = now.Add(lease)
+	s.track(key, e, lease, now)
 	return nil
 }
 
@@ -125,8 +175,10 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, record []by
 	if e != nil && e.token != token {
 		return ErrLeaseLost
 	}
-	s.sweep()
-	s.entries[key] = &memEntry{doneBy: token, record: bytes.Clone(record), expires: s.now().Add(ttl)}
+	now := s.now()
+	e = &memEntry{doneBy: token, record: bytes.Clone(record), expires: now.Add(ttl)}
+	s.entries[key] = e
+	s.track(key, e, ttl, now)
 	return nil
 }
 

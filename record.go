@@ -1,7 +1,6 @@
 package idempotency
 
 import (
-	"crypto/sha256"
 	"fmt"
 	"strings"
 	"unicode/utf8"
@@ -32,12 +31,7 @@ func DefaultFingerprint(_ string, req any) ([]byte, error) {
 	if !ok {
 		return nil, fmt.Errorf("idempotency: request of type %T is not a protobuf message", req)
 	}
-	b, err := deterministic.Marshal(m)
-	if err != nil {
-		return nil, fmt.Errorf("idempotency: encode request: %w", err)
-	}
-	sum := sha256.Sum256(b)
-	return sum[:], nil
+	return fingerprintProto(m)
 }
 
 // decodeRecord parses a stored record, refusing anything that is not a
