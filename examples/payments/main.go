@@ -5,7 +5,7 @@
 // Usage:
 //
 //	go run ./examples/payments [demo] [--redis ADDRS]
-//	go run ./examples/payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]
+//	go run ./examples/payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464] [--local-cache N] [--quiet] [--bare]
 //	go run ./examples/payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
 //	go run ./examples/payments inspect --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
 //	go run ./examples/payments forget --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
@@ -29,6 +29,16 @@
 // ledger lives in memory and starts empty on each start. Without --redis,
 // serve logs the address of its embedded Redis ("embedded Redis at
 // 127.0.0.1:PORT"), which inspect and forget can use while serve runs.
+//
+// Three serve flags are for benchmarks such as bench/ghz.sh: --quiet logs
+// no line per call (formatting and writing it would cost more than the
+// interceptor); --local-cache N turns on the interceptor's local cache of
+// completed records (idempotency.WithLocalCache, N entries, each kept for
+// up to a minute), so that a repeat on this server needs no store round
+// trip; --bare serves the same service without the idempotency interceptor
+// and without a store, as the baseline: a client's idempotency-key is
+// ignored and every call charges. --bare takes none of --redis, --postgres,
+// --lease, --local-cache and --chaos-kill.
 //
 // With --metrics-addr, serve also serves the interceptor's metrics over
 // HTTP at /metrics, through the otel module's observer and OpenTelemetry's
@@ -91,7 +101,8 @@ const usageText = `Usage:
       tell the double-charge story and check it (exit 0 if every expectation held)
   payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]
       serve payments.v1.PaymentsService (with reflection) until SIGINT/SIGTERM,
-      and with --metrics-addr its idempotency metrics at http://ADDR/metrics
+      and with --metrics-addr its idempotency metrics at http://ADDR/metrics;
+      for benchmarks: --quiet, --local-cache N, --bare (no interceptor)
   payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
       send one Charge through the client interceptor and print the outcome
   payments inspect --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
@@ -197,7 +208,7 @@ func demoCommand(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--postgres DSN] [--lease DURATION] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]", stderr)
+	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--postgres DSN] [--lease DURATION] [--local-cache N] [--latency DURATION] [--metrics-addr 127.0.0.1:9464] [--quiet] [--bare]", stderr)
 	addr := fs.String("addr", "127.0.0.1:50051", "`host:port` to listen on")
 	redisAddrs := fs.String("redis", "", redisFlagHelp)
 	pgDSN := fs.String("postgres", "", "keep the charges in the `DSN`'s charges table (created if missing), and, unless --redis is given too, the idempotency records in its idempotency_records table, committed in the same transaction as each charge")
@@ -205,8 +216,26 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 	latency := fs.Duration("latency", 0, "how long each real charge takes, like a slow payment provider (e.g. 2s)")
 	metricsAddr := fs.String("metrics-addr", "", "`host:port` to serve the idempotency metrics on, at /metrics in the Prometheus text format (default: none)")
 	chaosKill := fs.Float64("chaos-kill", 0, "for crash tests: the `probability` that the process SIGKILLs itself at each of three points of a charge (before its write, after it, after the outcome is stored)")
+	localCache := fs.Int("local-cache", 0, "keep up to `N` completed records in process memory, each for up to "+localCacheAge.String()+" (idempotency.WithLocalCache), so that a repeat on this server needs no store round trip (default 0: off)")
+	quiet := fs.Bool("quiet", false, "for benchmarks: log no line per call (the start, stop and warning lines stay)")
+	bare := fs.Bool("bare", false, "for benchmarks: serve without the idempotency interceptor and without a store, as the baseline: the idempotency-key a client sends is ignored and every call charges")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *localCache < 0 {
+		return fmt.Errorf("--local-cache %d: want a number of entries, or 0 for none", *localCache)
+	}
+	if *bare {
+		var clash []string
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "redis", "postgres", "lease", "local-cache", "chaos-kill":
+				clash = append(clash, "--"+f.Name)
+			}
+		})
+		if len(clash) > 0 {
+			return fmt.Errorf("--bare serves without the idempotency interceptor and its store: drop %s", strings.Join(clash, ", "))
+		}
 	}
 	if *lease < 0 || (*lease > 0 && *lease < time.Millisecond) {
 		return fmt.Errorf("--lease %v: want at least 1ms", *lease)
@@ -227,13 +256,16 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 		}
 		defer book.pool.Close()
 	}
-	if book != nil && *redisAddrs == "" {
+	switch {
+	case *bare:
+		storeDesc = "none (--bare: no idempotency interceptor, keys are ignored)"
+	case book != nil && *redisAddrs == "":
 		pgStore, err := openPostgresStore(ctx, book.pool, logger.Printf)
 		if err != nil {
 			return err
 		}
 		store, storeDesc = pgStore, "Postgres (each charge and its outcome commit in one transaction)"
-	} else {
+	default:
 		rs, err := openStore(ctx, *redisAddrs)
 		if err != nil {
 			return err
@@ -265,10 +297,19 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 	if metricsLis != nil {
 		logger.Printf("metrics at http://%s/metrics (Prometheus text format)", metricsLis.Addr())
 	}
+	if *localCache > 0 {
+		logger.Printf("local cache: up to %d completed records in memory, each for up to %s", *localCache, localCacheAge)
+	}
+	if *quiet {
+		logger.Print("--quiet: no log line per call")
+	}
 	logger.Printf("try: grpcurl -plaintext -H 'idempotency-key: k1' -d '{\"account_id\":\"acct_1\",\"amount_cents\":1999,\"currency\":\"EUR\"}' %s payments.v1.PaymentsService/Charge", lis.Addr())
-	o := serveOptions{store: store, latency: *latency, metricsLis: metricsLis, logger: logger, book: book}
+	o := serveOptions{store: store, latency: *latency, metricsLis: metricsLis, logger: logger, book: book, quiet: *quiet}
 	if *lease > 0 {
 		o.opts = append(o.opts, idempotency.WithLease(*lease))
+	}
+	if *localCache > 0 {
+		o.opts = append(o.opts, idempotency.WithLocalCache(*localCache, localCacheAge))
 	}
 	if *chaosKill > 0 {
 		o.chaos = &chaos{rate: *chaosKill, logf: logger.Printf}
@@ -276,13 +317,21 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 	return serve(ctx, lis, o)
 }
 
+// localCacheAge is how long serve --local-cache keeps a record in memory
+// at most.
+const localCacheAge = time.Minute
+
 // serveOptions configure serve.
 type serveOptions struct {
+	// store holds the idempotency records; nil serves without the
+	// idempotency interceptor (--bare).
 	store   idempotency.Store
 	latency time.Duration
 	// metricsLis, when set, serves the interceptor's metrics at /metrics.
 	metricsLis net.Listener
 	logger     *log.Logger
+	// quiet logs no line per call.
+	quiet bool
 	// book, when set, keeps the charges in Postgres.
 	book *pgBook
 	// opts are extra options of the idempotency interceptor.
@@ -304,6 +353,9 @@ func serve(ctx context.Context, lis net.Listener, o serveOptions) error {
 		opts:     append([]idempotency.Option{idempotency.WithLogger(slog.New(slog.NewTextHandler(logger.Writer(), nil)))}, o.opts...),
 		logLine:  func(line string) { logger.Print(line) },
 		detailed: true,
+	}
+	if o.quiet {
+		cfg.logLine = nil
 	}
 	var metricsSrv *http.Server
 	metricsServed := make(chan error, 1)
