@@ -136,6 +136,9 @@ func (r perOp) report(b *testing.B, withRT bool) {
 var parallelBase struct {
 	mu sync.Mutex
 	v  *perOp
+	// floors: the parallel floor's timed loop on redis-server, by the
+	// number of PINGs its handler makes.
+	floors map[int]*perOp
 }
 
 // pairedSamples bounds the paired phase: min(b.N, pairedSamples) timed
@@ -294,10 +297,6 @@ func benchRedisBackend(b *testing.B, name string) *benchRedis {
 		addr = miniredis.RunT(b).Addr()
 	case "redis-server":
 		addr = sharedRedisServer(b).Addr
-	case "redis-server-listpack":
-		// A dedicated server that keeps hashes with values up to 1 KiB in
-		// the compact listpack encoding (the default limit is 64 bytes).
-		addr = newRedisServer(b, "--hash-max-listpack-value", "1024").Addr
 	default:
 		b.Fatalf("unknown backend %q", name)
 	}
@@ -521,10 +520,12 @@ const benchParallelism = 8
 // GOMAXPROCS goroutines calling at once. ns/op is wall time per call
 // (1e9 / ns/op = calls/s); cpu-ns/op is what each call costs this process.
 // overhead-% and cpu-overhead-% compare the means of the timed loops with
-// the parallel bare sub-benchmark's.
+// the parallel bare sub-benchmark's; of-floor-throughput-% (redis-server
+// first execution and replay) is the row's calls/s as a share of the
+// parallel floor's with as many PINGs.
 func BenchmarkUnaryParallel(b *testing.B) {
 	parallelBase.mu.Lock()
-	parallelBase.v = nil
+	parallelBase.v, parallelBase.floors = nil, map[int]*perOp{}
 	parallelBase.mu.Unlock()
 	b.Run("bare", func(b *testing.B) {
 		b.ReportAllocs()
@@ -553,6 +554,23 @@ func BenchmarkUnaryParallel(b *testing.B) {
 		})
 		m.stop().report(b, true)
 	})
+	// The floor under load: the bare call whose handler makes one (two)
+	// PINGs, as many round trips as a replay (first execution) makes.
+	for _, n := range []int{1, 2} {
+		b.Run(fmt.Sprintf("redis-server/floor/%drt", n), func(b *testing.B) {
+			b.ReportAllocs()
+			b.SetParallelism(benchParallelism)
+			r := benchRedisBackend(b, "redis-server")
+			env := floorEnv(b, r, n)
+			m := startMeter(b, r.rt)
+			runCallsParallel(b, env, benchReq, "")
+			res := m.stop()
+			res.report(b, true)
+			parallelBase.mu.Lock()
+			parallelBase.floors[n] = &res
+			parallelBase.mu.Unlock()
+		})
+	}
 	for _, name := range benchStores {
 		for _, path := range benchPaths(name) {
 			b.Run(name+"/"+path, func(b *testing.B) {
@@ -574,10 +592,16 @@ func BenchmarkUnaryParallel(b *testing.B) {
 				res.report(b, rt != nil)
 				parallelBase.mu.Lock()
 				bare := parallelBase.v
+				floor := parallelBase.floors[map[string]int{"first": 2, "replay": 1}[path]]
 				parallelBase.mu.Unlock()
 				if bare != nil {
 					b.ReportMetric(100*(res.ns-bare.ns)/bare.ns, "overhead-%")
 					b.ReportMetric(100*(res.cpuNs-bare.cpuNs)/bare.cpuNs, "cpu-overhead-%")
+				}
+				if floor != nil && name == "redis-server" {
+					// Throughput as a share of the floor's: calls/s of
+					// this row over calls/s of the floor.
+					b.ReportMetric(100*floor.ns/res.ns, "of-floor-throughput-%")
 				}
 			})
 		}
@@ -651,11 +675,9 @@ func BenchmarkLargeResponse(b *testing.B) {
 // Each iteration is one first execution through the interceptor, with the
 // default key prefix; ns/op is suppressed, the figures are bytes per
 // record. encoded-B/record is the length of the encoded record;
-// as-string-B/record what the same bytes cost as a plain string key.
-//
-// The variant "listpack" runs on a redis-server started with
-// --hash-max-listpack-value 1024, where a small record's hash is stored in
-// the compact listpack encoding instead of a hash table.
+// as-string-B/record what the encoded record alone costs as a plain string
+// under the same key (what layout 2 adds to it is its 3-byte header and the
+// 32-byte owner token).
 func BenchmarkRecordMemory(b *testing.B) {
 	for _, v := range []struct {
 		name    string
@@ -664,7 +686,6 @@ func BenchmarkRecordMemory(b *testing.B) {
 	}{
 		{"small", 0, "redis-server"},
 		{"64KiB", 64 << 10, "redis-server"},
-		{"small/listpack", 0, "redis-server-listpack"},
 	} {
 		size := v.size
 		b.Run(v.name, func(b *testing.B) {
@@ -702,7 +723,7 @@ func BenchmarkRecordMemory(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				rec, err := r.client.HGet(ctx, sk, "rec").Bytes()
+				rec, err := rawRedisRecord(ctx, r.client, sk)
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -49,16 +49,56 @@ func (s *MemoryStore) live(key string) *memEntry {
 }
 
 // expiryQueue holds, in the order they were written, the entries written
-// with one duration (a lease, a TTL), hence in the order they expire.
+// with one duration (a lease, a TTL), hence in the order they expire: a
+// list of fixed-size chunks, so pushing never copies what is queued.
 type expiryQueue struct {
-	items []expiryItem
-	head  int
+	head, tail *expiryChunk
+	next       int // index of the front item in head
+}
+
+type expiryChunk struct {
+	items [128]expiryItem
+	n     int
+	link  *expiryChunk
 }
 
 type expiryItem struct {
 	key     string
 	e       *memEntry
 	expires time.Time
+}
+
+func (q *expiryQueue) push(it expiryItem) {
+	if q.tail == nil || q.tail.n == len(q.tail.items) {
+		c := &expiryChunk{}
+		if q.tail == nil {
+			q.head, q.next = c, 0
+		} else {
+			q.tail.link = c
+		}
+		q.tail = c
+	}
+	q.tail.items[q.tail.n] = it
+	q.tail.n++
+}
+
+// front returns the front item, or nil when the queue is empty.
+func (q *expiryQueue) front() *expiryItem {
+	if q.head == nil || q.next == q.head.n {
+		return nil
+	}
+	return &q.head.items[q.next]
+}
+
+func (q *expiryQueue) pop() {
+	q.head.items[q.next] = expiryItem{}
+	if q.next++; q.next < len(q.head.items) {
+		return
+	}
+	q.head, q.next = q.head.link, 0
+	if q.head == nil {
+		q.tail = nil
+	}
 }
 
 // maxExpiryQueues bounds the number of distinct durations tracked; entries
@@ -81,7 +121,7 @@ func (s *MemoryStore) track(key string, e *memEntry, d time.Duration, now time.T
 		s.order = append(s.order, q)
 	}
 	if q != nil {
-		q.items = append(q.items, expiryItem{key: key, e: e, expires: e.expires})
+		q.push(expiryItem{key: key, e: e, expires: e.expires})
 		s.drop(q, now)
 	}
 	if len(s.order) > 1 {
@@ -95,21 +135,15 @@ func (s *MemoryStore) track(key string, e *memEntry, d time.Duration, now time.T
 // drop removes up to two expired entries at the front of q. Callers hold
 // s.mu.
 func (s *MemoryStore) drop(q *expiryQueue, now time.Time) {
-	for i := 0; i < 2 && q.head < len(q.items); i++ {
-		it := &q.items[q.head]
-		if now.Before(it.expires) {
-			break
+	for i := 0; i < 2; i++ {
+		it := q.front()
+		if it == nil || now.Before(it.expires) {
+			return
 		}
 		if cur, ok := s.entries[it.key]; ok && cur == it.e && !now.Before(cur.expires) {
 			delete(s.entries, it.key)
 		}
-		*it = expiryItem{}
-		q.head++
-	}
-	if q.head >= 64 && 2*q.head >= len(q.items) {
-		n := copy(q.items, q.items[q.head:])
-		clear(q.items[n:])
-		q.items, q.head = q.items[:n], 0
+		q.pop()
 	}
 }
 
