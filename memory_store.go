@@ -62,9 +62,10 @@ type expiryChunk struct {
 	link  *expiryChunk
 }
 
+// expiryItem names a key and when the entry written then expires. It holds
+// no pointer to the entry, so a record deleted early is not kept alive.
 type expiryItem struct {
 	key     string
-	e       *memEntry
 	expires time.Time
 }
 
@@ -111,8 +112,7 @@ const maxExpiryQueues = 64
 // the order they were written, so the front of each queue is its next
 // expiry: the cost per write is constant whatever the number of records,
 // and every queue drains faster than writes fill it, including one no
-// longer written to. An item whose entry was replaced, renewed or removed
-// since is skipped. Callers hold s.mu.
+// longer written to. Callers hold s.mu.
 func (s *MemoryStore) track(key string, e *memEntry, d time.Duration, now time.Time) {
 	q := s.queues[d]
 	if q == nil && len(s.queues) < maxExpiryQueues {
@@ -121,7 +121,7 @@ func (s *MemoryStore) track(key string, e *memEntry, d time.Duration, now time.T
 		s.order = append(s.order, q)
 	}
 	if q != nil {
-		q.push(expiryItem{key: key, e: e, expires: e.expires})
+		q.push(expiryItem{key: key, expires: e.expires})
 		s.drop(q, now)
 	}
 	if len(s.order) > 1 {
@@ -140,7 +140,9 @@ func (s *MemoryStore) drop(q *expiryQueue, now time.Time) {
 		if it == nil || now.Before(it.expires) {
 			return
 		}
-		if cur, ok := s.entries[it.key]; ok && cur == it.e && !now.Before(cur.expires) {
+		// The key may hold a newer or renewed entry since: only an
+		// expired one goes.
+		if cur, ok := s.entries[it.key]; ok && !now.Before(cur.expires) {
 			delete(s.entries, it.key)
 		}
 		q.pop()

@@ -122,9 +122,10 @@ func encodeWithResponse(rec *idempotencyv1.Record, resp proto.Message) ([]byte, 
 // only the hash of the encoding is kept.
 var fingerprintBufs = sync.Pool{New: func() any { return new([]byte) }}
 
-// maxPooledFingerprintBuf: larger buffers are not kept, so one large
-// request does not pin its buffer for good.
-const maxPooledFingerprintBuf = 64 << 10
+// maxPooledFingerprintBuf: larger buffers are not kept, so a rare huge
+// request does not pin its buffer; up to it (a 1 MiB request's encoding
+// included), at most one buffer per P stays pooled until the GC drops it.
+const maxPooledFingerprintBuf = 2 << 20
 
 func fingerprintProto(m proto.Message) ([]byte, error) {
 	bp := fingerprintBufs.Get().(*[]byte)

@@ -17,9 +17,13 @@
 # Redis, flushed before) and follows a warm-up run of WARMUP calls on it,
 # not counted; the bare and interceptor runs of a kind alternate in ABBA
 # order over the rounds. Every ghz run must end with 0 errors, and each
-# interceptor run must have done what it measures, per the server's
-# /metrics: TOTAL first executions; TOTAL replays from Redis; TOTAL replays,
-# at least 99% of them from the local cache. The script fails otherwise.
+# interceptor run must have done what it measures, per the scripts Redis
+# ran during it (INFO commandstats): two per call for first executions (the
+# claim, then the outcome: the handler ran in between), one per call for
+# replays from Redis (the claim, answered with the record), at most 1 % of
+# the calls for replays with the local cache; the bare runs none. The
+# script fails otherwise. The servers run without --metrics-addr, so no
+# metrics observer adds its cost to the interceptor's.
 # It prints, per kind, the median over ROUNDS rounds of requests/s (and the
 # interceptor's as "× bare"), p50 and p99 latency as ghz sees it (ms), and
 # the CPU time per call (utime+stime from /proc/PID/stat around the
@@ -117,10 +121,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# The helper: Redis commands, /metrics snapshots and the checks of ghz's
-# JSON output and of the metrics, the summary.
+# The helper: Redis commands, the script counts and their check, the check
+# of ghz's JSON output, the summary.
 cat >"$WORK/helper.py" <<'PY'
-import json, socket, statistics, sys, urllib.request
+import json, socket, statistics, sys
 
 def fail(msg):
     sys.exit("bench/ghz.sh: " + msg)
@@ -136,40 +140,39 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-CHARGE = 'rpc_method="/payments.v1.PaymentsService/Charge"'
+def script_calls(port):
+    """Script calls Redis has executed so far (EVALSHA and EVAL, failed ones
+    excluded), from INFO commandstats."""
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=2) as s:
+        s.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        f = s.makefile("rb")
+        head = f.readline().decode().strip()
+        if not head.startswith("$"):
+            fail("INFO commandstats replied %r" % head)
+        body = f.read(int(head[1:])).decode()
+    n = 0
+    for line in body.splitlines():
+        name, _, fields = line.partition(":")
+        if name in ("cmdstat_evalsha", "cmdstat_eval"):
+            kv = dict(x.split("=", 1) for x in fields.split(","))
+            n += int(kv["calls"]) - int(kv.get("failed_calls", 0))
+    return n
 
-def metrics(url, path):
-    """Snapshots the interceptor's counters of Charge: calls by outcome, and
-    store visits of replays (a local-cache replay spends no time in the store)."""
-    snap = {"calls": {}, "store_replays": 0}
-    with urllib.request.urlopen(url, timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if CHARGE not in line:
-                continue
-            name, _, value = line.rpartition(" ")
-            if name.startswith("idempotency_server_calls_total{"):
-                outcome = name.split('idempotency_outcome="', 1)[1].split('"', 1)[0]
-                snap["calls"][outcome] = snap["calls"].get(outcome, 0) + int(float(value))
-            elif name.startswith("idempotency_store_duration_seconds_count{") and 'idempotency_outcome="replayed"' in name:
-                snap["store_replays"] += int(float(value))
-    json.dump(snap, open(path, "w"))
-
-def check_metrics(kind, before, after, total):
-    b, a, total = json.load(open(before)), json.load(open(after)), int(total)
-    calls = {o: a["calls"].get(o, 0) - b["calls"].get(o, 0) for o in set(a["calls"]) | set(b["calls"])}
-    calls = {o: n for o, n in calls.items() if n}
-    want = "executed" if kind == "first" else "replayed"
-    if calls != {want: total}:
-        fail("%s: the interceptor counted %s over the measured run, want {%r: %d}" % (kind, calls, want, total))
-    local = calls["replayed"] - (a["store_replays"] - b["store_replays"]) if want == "replayed" else 0
-    if kind == "replay" and local:
-        fail("replay: %d replays came from a local cache, want all from Redis" % local)
-    if kind == "local" and local < 0.99 * total:
-        fail("local: only %d of %d replays came from the local cache, want at least 99%%" % (local, total))
-    if kind == "first":
-        print("first: the interceptor executed %d calls of %d" % (calls[want], total))
+def check_scripts(kind, before, after, total):
+    """Checks what a measured interceptor run did from the scripts Redis ran:
+    a first execution runs two (the claim, then the outcome: the handler ran
+    in between), a replay from Redis one (the claim, which returns the
+    record), a local-cache replay none."""
+    n, total = int(after) - int(before), int(total)
+    want = {"first": 2 * total, "replay": total}.get(kind)
+    if kind == "local":
+        if n > total // 100:
+            fail("local: Redis ran %d scripts for %d calls, want at most 1%% (the others answered from the local cache)" % (n, total))
+        print("local: Redis ran %d scripts for %d calls: %d answered from the local cache" % (n, total, total - n))
+    elif n != want:
+        fail("%s: Redis ran %d scripts for %d calls, want %d" % (kind, n, total, want))
     else:
-        print("%s: the interceptor replayed %d calls of %d, %d of them from its local cache" % (kind, calls[want], total, local))
+        print("%s: Redis ran %d scripts for %d calls, as it should" % (kind, n, total))
 
 def check_ghz(path, total):
     d, total = json.load(open(path)), int(total)
@@ -204,6 +207,16 @@ def summary(tsv, kinds, rounds, total, conc, hz):
         for side, m in med.items():
             ratio = "%.2f×" % (m[0] / med["bare"][0]) if "bare" in med else "-"
             print("  %-12s %9.0f %8s %8.2f %8.2f %15.1f %14.1f" % (side, m[0], ratio, m[1], m[2], m[3], m[4]))
+        # The ratio of each round (its two runs ran back to back), which
+        # shares the machine's noise better than the ratio of the medians.
+        per_round = {}
+        for r in runs:
+            if r[0] == kind:
+                per_round.setdefault(r[2], {})[r[1]] = float(r[3])
+        ratios = sorted(v["interceptor"] / v["bare"] for v in per_round.values() if len(v) == 2)
+        if ratios:
+            print("  interceptor req/s ÷ bare req/s, round by round: median %.2f×, range %.2f–%.2f× (%s)" % (
+                statistics.median(ratios), ratios[0], ratios[-1], " ".join("%.2f" % x for x in ratios)))
         if len(med) == 2:
             print("  interceptor - bare: %+.1f µs of server CPU per call, %+.1f µs of Redis CPU per call" % (
                 med["interceptor"][3] - med["bare"][3], med["interceptor"][4] - med["bare"][4]))
@@ -214,8 +227,10 @@ if cmd == "free-port":
     print(free_port())
 elif cmd == "redis":
     print(redis_cmd(*args))
+elif cmd == "script-calls":
+    print(script_calls(*args))
 else:
-    {"metrics": metrics, "check-metrics": check_metrics, "check-ghz": check_ghz, "row": row, "summary": summary}[cmd](*args)
+    {"check-scripts": check_scripts, "check-ghz": check_ghz, "row": row, "summary": summary}[cmd](*args)
 PY
 helper() { python3 "$WORK/helper.py" "$@"; }
 
@@ -259,18 +274,17 @@ HZ=$(getconf CLK_TCK)
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
 
 # start_server NAME ARGS...: starts "payments serve" with ARGS, sets
-# SERVER_PID, SERVER_ADDR and METRICS_URL.
+# SERVER_PID and SERVER_ADDR. No --metrics-addr: the metrics observer would
+# add its own cost to the interceptor's.
 start_server() {
 	local log="$OUT/logs/$1.log"
 	shift
-	"$WORK/payments" serve --addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --quiet --latency "$LATENCY" "$@" 2>"$log" &
+	"$WORK/payments" serve --addr 127.0.0.1:0 --quiet --latency "$LATENCY" "$@" 2>"$log" &
 	SERVER_PID=$!
 	SERVER_ADDR=
-	METRICS_URL=
 	for _ in $(seq 200); do
 		SERVER_ADDR=$(sed -n 's/.* serving payments\.v1\.PaymentsService on \([^ ]*\) .*/\1/p' "$log")
-		METRICS_URL=$(sed -n 's|.* metrics at \(http://[^ ]*/metrics\) .*|\1|p' "$log")
-		[ -n "$SERVER_ADDR" ] && [ -n "$METRICS_URL" ] && return 0
+		[ -n "$SERVER_ADDR" ] && return 0
 		kill -0 "$SERVER_PID" 2>/dev/null || break
 		sleep 0.1
 	done
@@ -336,16 +350,18 @@ measure() {
 		ghz_run "$WORK/warmup.json" "$WARMUP" "$((WARMUP < CONC ? WARMUP : CONC))" "$warm_key"
 	fi
 
-	[ "$side" = interceptor ] && helper metrics "$METRICS_URL" "$WORK/before.json"
-	local cpu0 redis0 cpu1 redis1
+	local cpu0 redis0 cpu1 redis1 scripts0 scripts1
+	scripts0=$(helper script-calls "$REDIS_PORT")
 	cpu0=$(cpu_ticks "$SERVER_PID")
 	redis0=$(cpu_ticks "$REDIS_PID")
 	ghz_run "$OUT/$name.json" "$TOTAL" "$CONC" "$key"
 	cpu1=$(cpu_ticks "$SERVER_PID")
 	redis1=$(cpu_ticks "$REDIS_PID")
+	scripts1=$(helper script-calls "$REDIS_PORT")
 	if [ "$side" = interceptor ]; then
-		helper metrics "$METRICS_URL" "$WORK/after.json"
-		helper check-metrics "$kind" "$WORK/before.json" "$WORK/after.json" "$TOTAL"
+		helper check-scripts "$kind" "$scripts0" "$scripts1" "$TOTAL"
+	elif [ "$scripts1" != "$scripts0" ]; then
+		die "$name: the bare server ran $((scripts1 - scripts0)) Redis scripts"
 	fi
 	stop_server
 	helper row "$OUT/$name.json" "$kind" "$side" "$round" "$((cpu1 - cpu0))" "$((redis1 - redis0))" "$HZ" "$TOTAL" |
