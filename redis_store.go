@@ -43,9 +43,10 @@ var (
 // state, its owner token and the encoded record; records written as hashes
 // by earlier versions are still read and acted on), and each step (claim,
 // renew, complete, release) is one Lua script touching that one key, so it
-// is atomic, costs one round trip, and works unchanged on Redis Cluster. A replay costs one round trip (the claim returns the stored
-// record); a first execution costs two (claim, complete), plus one renewal
-// per third of the lease while a slow handler runs.
+// is atomic, costs one round trip, and works unchanged on Redis Cluster. A
+// replay costs one round trip (the claim returns the stored record); a
+// first execution costs two (claim, complete), plus one renewal per third
+// of the lease while a slow handler runs.
 //
 // Durability is Redis's: with asynchronous replication a failover can lose
 // a record written just before it, and without AOF a restart loses all of
@@ -331,11 +332,12 @@ func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration
 	}
 	rec, _ := res[0].(string)
 	ms, _ := res[1].(int64)
-	b := []byte(rec)
-	if len(res) == 4 {
-		if b, err = layoutRecord(rec); err != nil {
-			return nil, 0, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
-		}
+	if len(res) != 4 {
+		return []byte(rec), time.Duration(ms) * time.Millisecond, nil // layout 1
+	}
+	b, err := layoutRecord(rec)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
 	}
 	return b, time.Duration(ms) * time.Millisecond, nil
 }
