@@ -66,6 +66,9 @@ func benchServe(ctx context.Context, t *testing.T, args ...string) (addr, metric
 	t.Cleanup(func() { shutdown() })
 	addr = logs.waitFor(ctx, t, regexp.MustCompile(`serving payments\.v1\.PaymentsService on (\S+) `), exited)[1]
 	metricsURL = "http://" + logs.waitFor(ctx, t, regexp.MustCompile(`metrics at http://(\S+)/metrics`), exited)[1] + "/metrics"
+	// The last start line: the lines about --local-cache and --quiet come
+	// before it.
+	logs.waitFor(ctx, t, regexp.MustCompile(`try: grpcurl`), exited)
 	return addr, metricsURL, logs, shutdown
 }
 
