@@ -4,10 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"net/http"
-	"regexp"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/idempotency-grpc/idempotency"
@@ -49,29 +46,6 @@ func TestServeBenchFlagsRejected(t *testing.T) {
 	}
 }
 
-// benchServe runs "payments serve" with args (plus --addr 127.0.0.1:0 and
-// --metrics-addr 127.0.0.1:0) until the test ends or shutdown is called,
-// which returns its exit code.
-func benchServe(ctx context.Context, t *testing.T, args ...string) (addr, metricsURL string, logs *logWatcher, shutdown func() int) {
-	t.Helper()
-	logs = newLogWatcher()
-	serveCtx, stop := context.WithCancel(ctx)
-	exited := make(chan struct{})
-	var code int
-	go func() {
-		defer close(exited)
-		code = run(serveCtx, append([]string{"serve", "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"}, args...), io.Discard, logs)
-	}()
-	shutdown = sync.OnceValue(func() int { stop(); <-exited; return code })
-	t.Cleanup(func() { shutdown() })
-	addr = logs.waitFor(ctx, t, regexp.MustCompile(`serving payments\.v1\.PaymentsService on (\S+) `), exited)[1]
-	metricsURL = "http://" + logs.waitFor(ctx, t, regexp.MustCompile(`metrics at http://(\S+)/metrics`), exited)[1] + "/metrics"
-	// The last start line: the lines about --local-cache and --quiet come
-	// before it.
-	logs.waitFor(ctx, t, regexp.MustCompile(`try: grpcurl`), exited)
-	return addr, metricsURL, logs, shutdown
-}
-
 // charge sends one Charge with key in the request metadata, as ghz and
 // grpcurl send it (no client interceptor), and returns the charge id and
 // whether the answer was marked replayed.
@@ -88,31 +62,13 @@ func charge(ctx context.Context, t *testing.T, conn *grpc.ClientConn, key string
 	return resp.GetCharge().GetId(), strings.Join(header.Get(idempotency.ReplayedHeader), ",") == "true"
 }
 
-func scrapeMetrics(ctx context.Context, t *testing.T, url string) string {
-	t.Helper()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("GET %s: %v", url, err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s, %v\n%s", url, resp.Status, err, body)
-	}
-	return string(body)
-}
-
 // serve --bare --quiet, the baseline of bench/ghz.sh: no store, no
 // interceptor (a repeated key charges again, with no replayed header), and
 // no log line per call.
 func TestServeBareQuiet(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
-	addr, metricsURL, logs, shutdown := benchServe(ctx, t, "--bare", "--quiet")
+	addr, metricsURL, logs, shutdown := startServe(ctx, t, "--bare", "--quiet")
 	if !strings.Contains(logs.String(), "idempotency store: none (--bare: no idempotency interceptor, keys are ignored)") {
 		t.Errorf("the start lines do not say --bare:\n%s", logs)
 	}
@@ -148,7 +104,7 @@ func TestServeBareQuiet(t *testing.T) {
 func TestServeLocalCache(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
-	addr, metricsURL, logs, shutdown := benchServe(ctx, t, "--local-cache", "10")
+	addr, metricsURL, logs, shutdown := startServe(ctx, t, "--local-cache", "10")
 	if !strings.Contains(logs.String(), "local cache: up to 10 completed records in memory, each for up to 1m0s") {
 		t.Errorf("the start lines do not describe the local cache:\n%s", logs)
 	}

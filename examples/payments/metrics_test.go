@@ -37,7 +37,8 @@ func (w *logWatcher) String() string {
 }
 
 // waitFor returns the submatches of the first match of re in the log,
-// waiting until there is one, ctx ends or exited is closed.
+// waiting until there is one, ctx ends or exited is closed (nil: a line
+// known to be logged already).
 func (w *logWatcher) waitFor(ctx context.Context, t *testing.T, re *regexp.Regexp, exited <-chan struct{}) []string {
 	t.Helper()
 	for {
@@ -58,48 +59,62 @@ func (w *logWatcher) waitFor(ctx context.Context, t *testing.T, re *regexp.Regex
 	}
 }
 
+// startServe runs "payments serve" with args (plus --addr 127.0.0.1:0 and
+// --metrics-addr 127.0.0.1:0) until the test ends or shutdown is called,
+// which returns its exit code. It returns once every start line is logged.
+func startServe(ctx context.Context, t *testing.T, args ...string) (addr, metricsURL string, logs *logWatcher, shutdown func() int) {
+	t.Helper()
+	logs = newLogWatcher()
+	serveCtx, stop := context.WithCancel(ctx)
+	exited := make(chan struct{})
+	var code int
+	go func() {
+		defer close(exited)
+		code = run(serveCtx, append([]string{"serve", "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"}, args...), io.Discard, logs)
+	}()
+	shutdown = sync.OnceValue(func() int { stop(); <-exited; return code })
+	t.Cleanup(func() { shutdown() })
+	addr = logs.waitFor(ctx, t, regexp.MustCompile(`serving payments\.v1\.PaymentsService on (\S+) `), exited)[1]
+	metricsURL = "http://" + logs.waitFor(ctx, t, regexp.MustCompile(`metrics at http://(\S+)/metrics`), exited)[1] + "/metrics"
+	// The last start line: the lines about --local-cache and --quiet come
+	// before it.
+	logs.waitFor(ctx, t, regexp.MustCompile(`try: grpcurl`), exited)
+	return addr, metricsURL, logs, shutdown
+}
+
+// scrapeMetrics GETs the Prometheus text at url.
+func scrapeMetrics(ctx context.Context, t *testing.T, url string) string {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s, %v\n%s", url, resp.Status, err, body)
+	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
+		t.Errorf("Content-Type %q, want the Prometheus text format", ct)
+	}
+	return string(body)
+}
+
 // "payments serve --metrics-addr" as an operator runs it, with the embedded
 // Redis: the counters move as calls come in, and "inspect" and "forget"
 // work against the Redis address serve logs.
 func TestServeMetricsInspectForget(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t)
-	logs := newLogWatcher()
-	serveCtx, stop := context.WithCancel(ctx)
-	exited := make(chan struct{})
-	var serveCode int
-	go func() {
-		defer close(exited)
-		serveCode = run(serveCtx, []string{"serve", "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"}, io.Discard, logs)
-	}()
 	// shutdown is what SIGINT does to "payments serve".
-	shutdown := sync.OnceValue(func() int { stop(); <-exited; return serveCode })
-	defer shutdown()
+	addr, metricsURL, logs, shutdown := startServe(ctx, t)
+	// Logged before the last start line, which startServe waited for.
+	redisAddr := logs.waitFor(ctx, t, regexp.MustCompile(`embedded Redis at (\S+): while this server runs, look a record up with: payments inspect --redis (\S+) --key K`), nil)[1]
 
-	addr := logs.waitFor(ctx, t, regexp.MustCompile(`serving payments\.v1\.PaymentsService on (\S+) `), exited)[1]
-	redisAddr := logs.waitFor(ctx, t, regexp.MustCompile(`embedded Redis at (\S+): while this server runs, look a record up with: payments inspect --redis (\S+) --key K`), exited)[1]
-	metricsURL := "http://" + logs.waitFor(ctx, t, regexp.MustCompile(`metrics at http://(\S+)/metrics`), exited)[1] + "/metrics"
-
-	scrape := func() string {
-		t.Helper()
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, metricsURL, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatalf("GET %s: %v", metricsURL, err)
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err != nil || resp.StatusCode != http.StatusOK {
-			t.Fatalf("GET %s: %s, %v\n%s", metricsURL, resp.Status, err, body)
-		}
-		if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
-			t.Errorf("Content-Type %q, want the Prometheus text format", ct)
-		}
-		return string(body)
-	}
 	// OpenTelemetry's Prometheus exporter sorts the labels by name.
 	const charge = `rpc_method="/payments.v1.PaymentsService/Charge"`
 	callsLine := func(outcome string, replayed bool, n int) string {
@@ -110,7 +125,7 @@ func TestServeMetricsInspectForget(t *testing.T) {
 	}
 	expectMetrics := func(when string, want []string, absent ...string) {
 		t.Helper()
-		got := scrape()
+		got := scrapeMetrics(ctx, t, metricsURL)
 		ok := true
 		for _, w := range want {
 			if !strings.Contains(got, w) {
