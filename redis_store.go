@@ -169,12 +169,8 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: unexpected record type %T", res[1])
 	}
 	var out ClaimResult
-	if len(res) == 4 {
-		if out.Record, err = layoutRecord(rec); err != nil {
-			return ClaimResult{}, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
-		}
-	} else {
-		out.Record = []byte(rec)
+	if out.Record, err = s.replyRecord(key, rec, len(res) == 4); err != nil {
+		return ClaimResult{}, err
 	}
 	if ms, _ := res[2].(int64); ms > 0 {
 		out.TTL = time.Duration(ms) * time.Millisecond
@@ -332,14 +328,25 @@ func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration
 	}
 	rec, _ := res[0].(string)
 	ms, _ := res[1].(int64)
-	if len(res) != 4 {
-		return []byte(rec), time.Duration(ms) * time.Millisecond, nil // layout 1
-	}
-	b, err := layoutRecord(rec)
+	b, err := s.replyRecord(key, rec, len(res) == 4)
 	if err != nil {
-		return nil, 0, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
+		return nil, 0, err
 	}
 	return b, time.Duration(ms) * time.Millisecond, nil
+}
+
+// replyRecord returns the record in a script's reply: the value itself for
+// a layout-1 record, the record inside a layout-2 value (see
+// redis_layout.go), which the scripts mark with a fourth reply element.
+func (s *RedisStore) replyRecord(key, value string, layout2 bool) ([]byte, error) {
+	if !layout2 {
+		return []byte(value), nil
+	}
+	b, err := layoutRecord(value)
+	if err != nil {
+		return nil, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
+	}
+	return b, nil
 }
 
 // Delete implements [AdminStore.Delete]. Deleting an in-progress record
