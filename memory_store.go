@@ -106,14 +106,14 @@ func (q *expiryQueue) pop() {
 // written with others expire only when read (see live).
 const maxExpiryQueues = 64
 
-// track queues e, just written under key with duration d, then drops up to
-// two expired entries at the front of that duration's queue and of one
-// other queue, taken in turn. Entries written with one duration expire in
+// track queues key, just written with duration d to expire at expires,
+// then drops up to two expired entries at the front of that duration's
+// queue and of one other queue, taken in turn. Entries written with one duration expire in
 // the order they were written, so the front of each queue is its next
 // expiry: the cost per write is constant whatever the number of records,
 // and every queue drains faster than writes fill it, including one no
 // longer written to. Callers hold s.mu.
-func (s *MemoryStore) track(key string, e *memEntry, d time.Duration, now time.Time) {
+func (s *MemoryStore) track(key string, expires time.Time, d time.Duration, now time.Time) {
 	q := s.queues[d]
 	if q == nil && len(s.queues) < maxExpiryQueues {
 		q = &expiryQueue{}
@@ -121,7 +121,7 @@ func (s *MemoryStore) track(key string, e *memEntry, d time.Duration, now time.T
 		s.order = append(s.order, q)
 	}
 	if q != nil {
-		q.push(expiryItem{key: key, expires: e.expires})
+		q.push(expiryItem{key: key, expires: expires})
 		s.drop(q, now)
 	}
 	if len(s.order) > 1 {
@@ -167,7 +167,7 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte,
 	now := s.now()
 	e := &memEntry{token: token, record: bytes.Clone(record), expires: now.Add(lease)}
 	s.entries[key] = e
-	s.track(key, e, lease, now)
+	s.track(key, e.expires, lease, now)
 	return ClaimResult{Claimed: true}, nil
 }
 
@@ -184,7 +184,7 @@ func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Dur
 	}
 	now := s.now()
 	e.expires = now.Add(lease)
-	s.track(key, e, lease, now)
+	s.track(key, e.expires, lease, now)
 	return nil
 }
 
@@ -214,7 +214,7 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, record []by
 	now := s.now()
 	e = &memEntry{doneBy: token, record: bytes.Clone(record), expires: now.Add(ttl)}
 	s.entries[key] = e
-	s.track(key, e, ttl, now)
+	s.track(key, e.expires, ttl, now)
 	return nil
 }
 
