@@ -1,7 +1,6 @@
 package idempotency
 
 import (
-	"context"
 	"strings"
 	"sync"
 
@@ -108,13 +107,4 @@ func withoutMarker(md metadata.MD) metadata.MD {
 		}
 	}
 	return out
-}
-
-// guardMarker returns ctx with its server transport stream wrapped in a
-// markerGuard, or ctx itself outside a gRPC server.
-func guardMarker(ctx context.Context) context.Context {
-	if st := grpc.ServerTransportStreamFromContext(ctx); st != nil {
-		return grpc.NewContextWithServerTransportStream(ctx, markerGuard{st})
-	}
-	return ctx
 }

@@ -11,12 +11,11 @@ import (
 	"time"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
-	"google.golang.org/grpc"
 )
 
 // claim claims the key and either executes the handler or answers from the
 // stored record. It loops only when waiting for a running first call.
-func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (any, error) {
+func (s *server) claim(ctx context.Context, c *call) (any, error) {
 	var err error
 	c.inProgress = encodeInProgress(c.fp, c.method, s.o.now(), c.token)
 	wait := s.o.pollInterval
@@ -49,10 +48,10 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			}
 			if s.o.failOpen {
 				c.ev.Outcome, c.ev.Err = OutcomeFailOpen, err
-				resp, herr := handler(contextWithServerKey(guardMarker(ctx), c.key), req)
-				c.ev.Code = handlerStatus(herr).Code()
+				r := c.x.Run(contextWithServerKey(ctx, c.key), false)
+				c.ev.Code = r.finalStatus().Code()
 				s.emit(ctx, c)
-				return resp, herr
+				return r.Response, r.Err
 			}
 			if errors.Is(err, ErrNotReplicated) {
 				return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errNotReplicated(c.method), err)
@@ -60,7 +59,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), err)
 		}
 		if res.Claimed {
-			return s.execute(ctx, c, req, handler)
+			return s.execute(ctx, c)
 		}
 		rec, err := decodeRecord(res.Record)
 		if err == nil && rec.GetState() == idempotencyv1.Record_STATE_IN_PROGRESS && rec.GetLeaseToken() == c.token {
@@ -73,7 +72,7 @@ func (s *server) claim(ctx context.Context, c *call, req any, handler grpc.Unary
 				return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method),
 					errors.New("idempotency: the TxStore's ClaimTx returned the caller's own claim without claiming it"))
 			}
-			return s.execute(ctx, c, req, handler)
+			return s.execute(ctx, c)
 		}
 		if err == nil && rec.GetMethod() != c.method {
 			err = fmt.Errorf("%w: record of method %q", ErrCorruptRecord, rec.GetMethod())

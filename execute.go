@@ -10,9 +10,7 @@ import (
 	"time"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -20,11 +18,10 @@ import (
 
 // execute runs the handler as the key's owner and stores or releases its
 // outcome.
-func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (resp any, err error) {
+func (s *server) execute(ctx context.Context, c *call) (any, error) {
 	if c.ex != nil {
-		return s.executeTx(ctx, c, req, handler)
+		return s.executeTx(ctx, c)
 	}
-	hctx, cs := handlerContext(ctx, c)
 	// The lease is kept until the outcome is written, so a write that must
 	// be retried (Redis briefly unreachable) does not let the lease end under
 	// it. A release stops it first: a key being freed needs no lease.
@@ -38,10 +35,11 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 			s.emit(ctx, c)
 		}
 	}()
-	resp, err = handler(hctx, req)
+	r := c.x.Run(contextWithServerKey(ctx, c.key), true)
 	panicked = false
+	resp, err := r.Response, r.Err
 
-	st := handlerStatus(err)
+	st := r.finalStatus()
 	c.ev.Code = st.Code()
 	if !s.o.storeOutcome(st.Code()) {
 		keeper.stop(true)
@@ -52,11 +50,7 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 		s.emit(ctx, c)
 		return resp, err
 	}
-	var header, trailer metadata.MD
-	if cs != nil {
-		header, trailer = cs.captured()
-	}
-	rec, final, outcome, rerr := s.finalRecord(c, resp, st, header, trailer)
+	rec, final, outcome, rerr := s.finalRecord(c, &r, st)
 	if rerr != nil {
 		// The outcome cannot be stored (e.g. a non-protobuf response): free
 		// the key rather than leave it stuck in progress.
@@ -90,31 +84,6 @@ func (s *server) execute(ctx context.Context, c *call, req any, handler grpc.Una
 	}
 	s.emit(ctx, c)
 	return resp, err
-}
-
-// handlerContext is the context the handler runs with: the key, and a
-// stream that captures the header and trailer it sets (nil without a
-// server transport stream).
-func handlerContext(ctx context.Context, c *call) (context.Context, *capturingStream) {
-	hctx := contextWithServerKey(ctx, c.key)
-	st := grpc.ServerTransportStreamFromContext(ctx)
-	if st == nil {
-		return hctx, nil
-	}
-	cs := &capturingStream{ServerTransportStream: st}
-	return grpc.NewContextWithServerTransportStream(hctx, cs), cs
-}
-
-// handlerStatus returns the status grpc-go sends for a handler's error: the
-// error's own status, or, for an error that is not a status, the status of
-// a context error (a bare context.DeadlineExceeded is DeadlineExceeded, not
-// Unknown), exactly as grpc-go's server does. The stored code is therefore
-// always the code the client received.
-func handlerStatus(err error) *status.Status {
-	if st, ok := status.FromError(err); ok {
-		return st
-	}
-	return status.FromContextError(err)
 }
 
 func outcomeOfStoreErr(err error) Outcome {
@@ -168,26 +137,26 @@ func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
 	}
 }
 
-// finalRecord encodes the outcome of the handler, or a too-large marker when
-// it exceeds the size limit.
-func (s *server) finalRecord(c *call, resp any, st *status.Status, header, trailer metadata.MD) ([]byte, *idempotencyv1.Record, Outcome, error) {
+// finalRecord encodes the outcome r of the handler, whose status is st, or a
+// too-large marker when it exceeds the size limit.
+func (s *server) finalRecord(c *call, r *Result, st *status.Status) ([]byte, *idempotencyv1.Record, Outcome, error) {
 	now := s.o.now()
 	rec := &idempotencyv1.Record{
 		Version:      recordVersion,
 		State:        idempotencyv1.Record_STATE_COMPLETED,
 		Fingerprint:  c.fp,
 		Method:       c.method,
-		Header:       mdToEntries(header),
-		Trailer:      mdToEntries(trailer),
+		Header:       mdToEntries(r.Header),
+		Trailer:      mdToEntries(r.Trailer),
 		CompleteTime: timestamppb.New(now),
 	}
 	rec.Status = wireStatus(st)
 	var b []byte
 	var err error
 	if st.Code() == codes.OK {
-		m, ok := resp.(proto.Message)
-		if !ok {
-			return nil, nil, "", fmt.Errorf("idempotency: response of type %T is not a protobuf message", resp)
+		m := r.Message
+		if m == nil {
+			return nil, nil, "", fmt.Errorf("idempotency: response of type %T is not a protobuf message", r.Response)
 		}
 		rec.ResponseType = string(m.ProtoReflect().Descriptor().FullName())
 		b, err = encodeWithResponse(rec, m)

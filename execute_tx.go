@@ -8,9 +8,7 @@ import (
 	"errors"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 )
 
 // executeTx runs the handler as the key's owner inside c.ex's transaction.
@@ -18,10 +16,9 @@ import (
 // outcome; a stored error rolls the handler's writes back and is stored on
 // its own; a transient error, a panic or an unencodable outcome rolls back
 // and releases the key.
-func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.UnaryHandler) (resp any, err error) {
-	hctx, cs := handlerContext(ctx, c)
+func (s *server) executeTx(ctx context.Context, c *call) (any, error) {
 	keeper := s.keepLease(c)
-	hctx, berr := c.ex.Begin(hctx)
+	hctx, berr := c.ex.Begin(contextWithServerKey(ctx, c.key))
 	if berr != nil {
 		keeper.stop(true)
 		_ = s.discard(ctx, c, nil)
@@ -36,10 +33,11 @@ func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.U
 			s.emit(ctx, c)
 		}
 	}()
-	resp, err = handler(hctx, req)
+	r := c.x.Run(hctx, true)
 	panicked = false
+	resp, err := r.Response, r.Err
 
-	st := handlerStatus(err)
+	st := r.finalStatus()
 	c.ev.Code = st.Code()
 	if !s.o.storeOutcome(st.Code()) {
 		keeper.stop(true)
@@ -50,11 +48,7 @@ func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.U
 		s.emit(ctx, c)
 		return resp, err
 	}
-	var header, trailer metadata.MD
-	if cs != nil {
-		header, trailer = cs.captured()
-	}
-	rec, final, outcome, rerr := s.finalRecord(c, resp, st, header, trailer)
+	rec, final, outcome, rerr := s.finalRecord(c, &r, st)
 	if rerr != nil {
 		// The outcome cannot be stored (e.g. a non-protobuf response): roll
 		// back and free the key. A response must not reach the client, since
@@ -65,7 +59,7 @@ func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.U
 		s.emit(ctx, c)
 		if st.Code() == codes.OK {
 			c.ev.Code = codes.Internal
-			return nil, errEncodeRecord(c.method)
+			return nil, c.x.Refuse(errEncodeRecord(c.method))
 		}
 		return resp, err
 	}
@@ -76,7 +70,7 @@ func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.U
 		_ = s.discard(ctx, c, nil)
 		c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeRolledBack, errForgotten, codes.Unavailable
 		s.emit(ctx, c)
-		return nil, errNotCommitted(c.method, false)
+		return nil, c.x.Refuse(errNotCommitted(c.method, false))
 	}
 	c.ev.Outcome = outcome
 	written := s.o.now()
@@ -102,7 +96,7 @@ func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.U
 	case errors.Is(ferr, ErrCommitUnknown):
 		c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeCommitUnknown, ferr, codes.Unavailable
 		s.emit(ctx, c)
-		return nil, errNotCommitted(c.method, true)
+		return nil, c.x.Refuse(errNotCommitted(c.method, true))
 	default:
 		c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeRolledBack, ferr, codes.Unavailable
 		if !errors.Is(ferr, ErrLeaseLost) {
@@ -111,7 +105,7 @@ func (s *server) executeTx(ctx context.Context, c *call, req any, handler grpc.U
 			_ = s.finish(ctx, c, nil)
 		}
 		s.emit(ctx, c)
-		return nil, errNotCommitted(c.method, false)
+		return nil, c.x.Refuse(errNotCommitted(c.method, false))
 	}
 	s.emit(ctx, c)
 	return resp, err

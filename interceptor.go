@@ -1,18 +1,14 @@
+// The gRPC adapter: grpc-go's unary server interceptor over the protocol.
+
 package idempotency
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	mrand "math/rand/v2"
-	"sync"
 
-	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
 // UnaryServerInterceptor returns a server interceptor that runs each keyed
@@ -41,6 +37,9 @@ import (
 // Every error the interceptor produces carries a google.rpc.ErrorInfo with
 // domain [ErrorDomain].
 //
+// To serve other transports over the same state (the connect module), build
+// a [Protocol] and take its [Protocol.UnaryServerInterceptor] instead.
+//
 // Panics if store is nil.
 func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterceptor {
 	if store == nil {
@@ -49,165 +48,81 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 	return newServer(store, opts).intercept
 }
 
-// newServer is the server interceptor's state.
-func newServer(store Store, opts []Option) *server {
-	s := &server{store: store, o: evaluateOptions(opts)}
-	s.txs, _ = store.(TxStore)
-	s.renewer = newRenewer(store, s.o.lease, s.o.renewHook)
-	s.policies.override = s.o.policy
-	if s.o.localCacheSize > 0 {
-		s.cache = newLocalCache(s.o.localCacheSize, s.o.localCacheAge)
-	}
-	if s.o.coalesce {
-		s.flights = &flights{m: make(map[string]*flight)}
-	}
-	return s
-}
-
-type server struct {
-	store    Store
-	txs      TxStore // store, when it is one
-	renewer  *renewer
-	o        *options
-	policies policyCache
-	cache    *localCache // nil unless WithLocalCache
-	flights  *flights    // nil unless WithCoalescing
-}
-
-// call is the state of one keyed call.
-type call struct {
-	method   string
-	key      string
-	storeKey string
-	fp       []byte
-	token    string
-	// inProgress is the encoded in-progress record the call claims with.
-	inProgress []byte
-	// ex is the claim's Execution when the store is a TxStore.
-	ex Execution
-	ev Event
-	// final is the completed record the call ended with (executed or
-	// replayed), shared with the local cache and coalesced duplicates.
-	final *idempotencyv1.Record
+// grpcCall is one call through the gRPC adapter: the protocol's call state,
+// the handler and its request, and the stream that captures what the
+// handler sends, in one allocation.
+type grpcCall struct {
+	call
+	ctx     context.Context // the call's incoming context, for its metadata
+	req     any
+	handler grpc.UnaryHandler
+	cs      capturingStream
 }
 
 func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	policy := s.policies.get(info.FullMethod)
-	if policy == KeyIgnored {
-		return handler(guardMarker(ctx), req)
-	}
-	c := &call{method: info.FullMethod, ev: Event{Method: info.FullMethod}}
-	key, present, err := s.extractKey(ctx, req)
-	if err != nil {
-		return nil, s.fail(ctx, c, OutcomeKeyInvalid, errKeyInvalid(c.method, s.keySource(), err), nil)
-	}
-	if !present {
-		if policy == KeyRequired {
-			return nil, s.fail(ctx, c, OutcomeKeyMissing, errKeyRequired(c.method, s.keySource()), nil)
+	g := &grpcCall{ctx: ctx, req: req, handler: handler}
+	g.call = call{method: info.FullMethod, x: g, ev: Event{Method: info.FullMethod}}
+	return s.handle(ctx, &g.call, req)
+}
+
+// RequestHeader returns the call's incoming metadata values of name
+// (without copying the whole metadata).
+func (g *grpcCall) RequestHeader(name string) []string {
+	return metadata.ValueFromIncomingContext(g.ctx, name)
+}
+
+// Run runs the handler. An owner's runs with a stream that captures the
+// header and trailer it sends; any other with one that only drops the
+// replay marker. Outside a gRPC server (unit tests) there is no stream to
+// wrap.
+func (g *grpcCall) Run(ctx context.Context, owner bool) Result {
+	st := grpc.ServerTransportStreamFromContext(ctx)
+	if !owner {
+		if st != nil {
+			ctx = grpc.NewContextWithServerTransportStream(ctx, markerGuard{st})
 		}
-		c.ev.Outcome = OutcomePassThrough
-		resp, err := handler(guardMarker(ctx), req)
-		c.ev.Code = handlerStatus(err).Code()
-		s.emit(ctx, c)
-		return resp, err
+		resp, err := g.handler(ctx, g.req)
+		return Result{Response: resp, Err: err}
 	}
-	c.key = key
-
-	var scope string
-	if s.o.scope != nil {
-		if scope, err = s.o.scope(ctx); err != nil {
-			if _, ok := status.FromError(err); !ok {
-				err = errScopeFailed(c.method)
-			}
-			return nil, s.fail(ctx, c, OutcomeRejected, err, nil)
-		}
+	if st != nil {
+		g.cs.ServerTransportStream = st
+		ctx = grpc.NewContextWithServerTransportStream(ctx, &g.cs)
 	}
-	c.storeKey = StoreKey(c.method, scope, key)
-	if c.fp, err = s.o.fingerprint(c.method, req); err != nil {
-		return nil, s.fail(ctx, c, OutcomeRejected, errFingerprintFailed(c.method), err)
+	resp, err := g.handler(ctx, g.req)
+	r := Result{Response: resp, Err: err, Status: handlerStatus(err)}
+	r.Message, _ = resp.(proto.Message)
+	if st != nil {
+		r.Header, r.Trailer = g.cs.captured()
 	}
-	c.token = newToken()
-	if s.cache != nil {
-		if rec := s.cache.get(c.storeKey, s.o.now()); rec != nil {
-			c.ev.Local = true
-			return s.answer(ctx, c, rec)
-		}
-	}
-	if s.flights == nil {
-		return s.claim(ctx, c, req, handler)
-	}
-	f, leader := s.flights.join(c.storeKey, c.fp)
-	if leader {
-		defer func() { s.flights.finish(c.storeKey, f, c.final) }()
-		return s.claim(ctx, c, req, handler)
-	}
-	select {
-	case <-f.done:
-	case <-ctx.Done():
-		return nil, s.fail(ctx, c, OutcomeInProgress, errCallEnded(c.method, ctx.Err()), nil)
-	}
-	if f.final != nil {
-		c.ev.Local = true
-		return s.answer(ctx, c, f.final)
-	}
-	return s.claim(ctx, c, req, handler)
+	return r
 }
 
-func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause error) error {
-	c.ev.Outcome, c.ev.Code, c.ev.Err = o, status.Code(err), cause
-	s.emit(ctx, c)
-	return err
+// Replay sets the stored header and trailer on the call and returns the
+// stored response or error.
+func (g *grpcCall) Replay(ctx context.Context, s Stored) (any, error) {
+	// The stream is absent only when the interceptor is called outside a
+	// gRPC server (unit tests); the replay itself is still correct.
+	_ = grpc.SetHeader(ctx, s.Header)
+	if len(s.Trailer) > 0 {
+		_ = grpc.SetTrailer(ctx, s.Trailer)
+	}
+	if err := s.Status.Err(); err != nil {
+		return nil, err
+	}
+	return s.Response, nil
 }
 
-// extractKey returns the call's key from the metadata, or from the request
-// field set with WithKeyField.
-func (s *server) extractKey(ctx context.Context, req any) (string, bool, error) {
-	if s.o.keyField == "" {
-		// ValueFromIncomingContext avoids copying the whole metadata.
-		vals := metadata.ValueFromIncomingContext(ctx, s.o.keyHeader)
-		binary := len(vals) == 0 && len(metadata.ValueFromIncomingContext(ctx, s.o.binHeader)) > 0
-		return keyFromValues(vals, binary, s.o.keyHeader)
-	}
-	m, ok := req.(proto.Message)
-	if !ok {
-		return "", false, nil
-	}
-	fd := m.ProtoReflect().Descriptor().Fields().ByName(protoreflect.Name(s.o.keyField))
-	if fd == nil || fd.Kind() != protoreflect.StringKind || fd.IsList() {
-		return "", false, nil
-	}
-	v := m.ProtoReflect().Get(fd).String()
-	if v == "" {
-		return "", false, nil
-	}
-	if err := ValidateKey(v); err != nil {
-		return "", true, err
-	}
-	return v, true, nil
-}
+// Refuse returns err: the protocol's errors are gRPC status errors.
+func (g *grpcCall) Refuse(err error) error { return err }
 
-func (s *server) keySource() string {
-	if s.o.keyField != "" {
-		return "request field " + s.o.keyField
+// handlerStatus returns the status grpc-go sends for a handler's error: the
+// error's own status, or, for an error that is not a status, the status of
+// a context error (a bare context.DeadlineExceeded is DeadlineExceeded, not
+// Unknown), exactly as grpc-go's server does. The stored code is therefore
+// always the code the client received.
+func handlerStatus(err error) *status.Status {
+	if st, ok := status.FromError(err); ok {
+		return st
 	}
-	return s.o.keyHeader
+	return status.FromContextError(err)
 }
-
-// newToken returns a random owner token for a claim: only the holder of the
-// token may renew, complete or release the key. The 128 bits come from a
-// ChaCha8 generator seeded from crypto/rand (a cryptographically secure
-// stream), one per P through a sync.Pool, which costs a fraction of a
-// crypto/rand read per call.
-func newToken() string {
-	g := tokenRand.Get().(*mrand.ChaCha8)
-	var b [16]byte
-	_, _ = g.Read(b[:])
-	tokenRand.Put(g)
-	return hex.EncodeToString(b[:])
-}
-
-var tokenRand = sync.Pool{New: func() any {
-	var seed [32]byte
-	_, _ = rand.Read(seed[:])
-	return mrand.NewChaCha8(seed)
-}}

@@ -57,6 +57,7 @@ func DeclaredKeyPolicy(fullMethod string) KeyPolicy {
 type policyCache struct {
 	override func(string, KeyPolicy) KeyPolicy
 	m        sync.Map // full method -> KeyPolicy
+	mIdem    sync.Map // the same, for methods a transport declares idempotent
 	types    sync.Map // full method -> protoreflect.MessageType (or nil)
 }
 
@@ -80,15 +81,25 @@ func (c *policyCache) messageType(method, stored string) (protoreflect.MessageTy
 	return mt, nil
 }
 
-func (c *policyCache) get(fullMethod string) KeyPolicy {
-	if p, ok := c.m.Load(fullMethod); ok {
+// get returns the policy of fullMethod. idempotent is what the transport
+// declares of the method (see Call.Idempotent): it makes the declared
+// policy KeyIgnored unless the method requires a key.
+func (c *policyCache) get(fullMethod string, idempotent bool) KeyPolicy {
+	m := &c.m
+	if idempotent {
+		m = &c.mIdem
+	}
+	if p, ok := m.Load(fullMethod); ok {
 		return p.(KeyPolicy)
 	}
 	p := DeclaredKeyPolicy(fullMethod)
+	if idempotent && p != KeyRequired {
+		p = KeyIgnored
+	}
 	if c.override != nil {
 		p = c.override(fullMethod, p)
 	}
-	c.m.Store(fullMethod, p)
+	m.Store(fullMethod, p)
 	return p
 }
 

@@ -9,7 +9,6 @@ import (
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	spb "google.golang.org/genproto/googleapis/rpc/status"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -53,16 +52,11 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 	}
 	header := entriesToMD(rec.GetHeader())
 	header.Append(ReplayedHeader, "true")
-	// The stream is absent only when the interceptor is called outside a
-	// gRPC server (unit tests); the replay itself is still correct.
-	_ = grpc.SetHeader(ctx, header)
+	stored := Stored{Response: resp, Status: status.FromProto(sp), Header: header}
 	if len(rec.GetTrailer()) > 0 {
-		_ = grpc.SetTrailer(ctx, entriesToMD(rec.GetTrailer()))
+		stored.Trailer = entriesToMD(rec.GetTrailer())
 	}
 	c.ev.Outcome, c.ev.Code = OutcomeReplayed, codes.Code(sp.Code)
 	s.emit(ctx, c)
-	if sp.Code != int32(codes.OK) {
-		return nil, status.FromProto(sp).Err()
-	}
-	return resp, nil
+	return c.x.Replay(ctx, stored)
 }
