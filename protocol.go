@@ -71,9 +71,12 @@ type Call struct {
 // asks of the adapter. Implementations live in transport adapters; the
 // gRPC one is in this package, the Connect one in the connect module.
 type Exchange interface {
-	// RequestHeader returns the values the client sent for the request
-	// header (metadata key) name, which is lower case.
-	RequestHeader(name string) []string
+	// RequestKey returns the idempotency key the client sent in the
+	// request header (metadata key) name, which is lower case. present is
+	// false when it sent none. A header that does not carry exactly one
+	// valid key ([ValidateKey]) is an error wrapping [ErrInvalidKey]: the
+	// call is refused with InvalidArgument, KEY_INVALID.
+	RequestKey(name string) (key string, present bool, err error)
 
 	// Run runs the handler with ctx and reports its outcome. owner is true
 	// when the call runs as the key's owner: the Result must then report
@@ -267,9 +270,7 @@ func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause 
 // request field set with WithKeyField.
 func (s *server) extractKey(x Exchange, req any) (string, bool, error) {
 	if s.o.keyField == "" {
-		vals := x.RequestHeader(s.o.keyHeader)
-		binary := len(vals) == 0 && len(x.RequestHeader(s.o.binHeader)) > 0
-		return keyFromValues(vals, binary, s.o.keyHeader)
+		return x.RequestKey(s.o.keyHeader)
 	}
 	m, ok := req.(proto.Message)
 	if !ok {

@@ -3,12 +3,17 @@ module github.com/idempotency-grpc/idempotency/gateway
 go 1.26.0
 
 // Development: the working copy (go.work does the same from the root).
-replace github.com/idempotency-grpc/idempotency => ../
+replace (
+	github.com/idempotency-grpc/idempotency => ../
+	github.com/idempotency-grpc/idempotency/connect => ../connect
+)
 
 require (
+	connectrpc.com/connect v1.21.1
 	github.com/alicebob/miniredis/v2 v2.40.0
 	github.com/grpc-ecosystem/grpc-gateway/v2 v2.33.0
 	github.com/idempotency-grpc/idempotency v0.1.0
+	github.com/idempotency-grpc/idempotency/connect v0.1.0
 	github.com/redis/go-redis/v9 v9.23.0
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20261104224025-d1e00e9f33ab
 	google.golang.org/grpc v1.85.0

@@ -76,7 +76,7 @@ type keyCtxKey struct{}
 func keyMiddleware(mux *runtime.ServeMux) runtime.Middleware {
 	return func(next runtime.HandlerFunc) runtime.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request, pathParams map[string]string) {
-			key, present, err := parseKeyHeader(r.Header.Values(KeyHeader))
+			key, present, err := idempotency.ParseKeyHeader(r.Header.Values(KeyHeader))
 			if err != nil {
 				_, outbound := runtime.MarshalerForRequest(mux, r)
 				runtime.HTTPError(r.Context(), mux, outbound, w, r, errMalformedKeyHeader(err))

@@ -1,10 +1,9 @@
-package idempotencygw
+package idempotency
 
 import (
 	"errors"
 	"strings"
 	"testing"
-	"time"
 )
 
 // TestParseKeyHeader verifies the reading of the Idempotency-Key header:
@@ -44,13 +43,13 @@ func TestParseKeyHeader(t *testing.T) {
 		{name: "a malformed second line", values: []string{`"a"`, `"a`}, present: true, err: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			key, present, err := parseKeyHeader(tc.values)
+			key, present, err := ParseKeyHeader(tc.values)
 			if (err != nil) != tc.err {
-				t.Fatalf("parseKeyHeader(%q) error = %v, want error: %v", tc.values, err, tc.err)
+				t.Fatalf("ParseKeyHeader(%q) error = %v, want error: %v", tc.values, err, tc.err)
 			}
 			if err != nil {
-				if !errors.Is(err, errMalformedKey) {
-					t.Errorf("error %v does not wrap errMalformedKey", err)
+				if !errors.Is(err, ErrInvalidKey) {
+					t.Errorf("error %v does not wrap ErrInvalidKey", err)
 				}
 				for _, v := range tc.values {
 					if v := strings.Trim(v, `" `); len(v) > 2 && strings.Contains(err.Error(), v) {
@@ -59,25 +58,8 @@ func TestParseKeyHeader(t *testing.T) {
 				}
 			}
 			if key != tc.key || present != tc.present {
-				t.Errorf("parseKeyHeader(%q) = %q, %v; want %q, %v", tc.values, key, present, tc.key, tc.present)
+				t.Errorf("ParseKeyHeader(%q) = %q, %v; want %q, %v", tc.values, key, present, tc.key, tc.present)
 			}
 		})
-	}
-}
-
-// TestRetryAfterSeconds verifies that Retry-After is the delay in whole
-// seconds, rounded up, and never 0.
-func TestRetryAfterSeconds(t *testing.T) {
-	for d, want := range map[time.Duration]int64{
-		0:                       1,
-		time.Millisecond:        1,
-		time.Second:             1,
-		time.Second + 1:         2,
-		2500 * time.Millisecond: 3,
-		time.Minute:             60,
-	} {
-		if got := retryAfterSeconds(d); got != want {
-			t.Errorf("retryAfterSeconds(%v) = %d, want %d", d, got, want)
-		}
 	}
 }
