@@ -42,4 +42,12 @@
 // [RedisStore] (Redis standalone, Sentinel or Cluster, through go-redis) is
 // the store for a fleet of servers; [MemoryStore] suits tests and single
 // processes. A replay costs one Redis round trip and a first execution two.
+//
+// # Other transports
+//
+// The protocol itself ([Protocol]) knows no transport: the gRPC interceptor
+// is an adapter over it, as is the connect module's interceptor for
+// connect-go (Connect, gRPC and gRPC-Web), and both write one record format,
+// so a key is one key whichever way calls arrive. REST clients reach the
+// gRPC interceptor through grpc-gateway with the gateway module.
 package idempotency

@@ -52,7 +52,10 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 	}
 	header := entriesToMD(rec.GetHeader())
 	header.Append(ReplayedHeader, "true")
-	stored := Stored{Response: resp, Status: status.FromProto(sp), Header: header}
+	stored := Stored{Response: resp, Status: okStatus, Header: header}
+	if sp.Code != int32(codes.OK) {
+		stored.Status = status.FromProto(sp)
+	}
 	if len(rec.GetTrailer()) > 0 {
 		stored.Trailer = entriesToMD(rec.GetTrailer())
 	}
