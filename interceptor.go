@@ -48,16 +48,14 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 	return newServer(store, opts).intercept
 }
 
-// grpcCall is one call through the gRPC adapter: the protocol's call state,
-// the handler and its request, and the stream that captures what the
-// handler sends, in one allocation.
+// grpcCall is one call through the gRPC adapter: the protocol's call state
+// with the handler and its request, in one allocation.
 type grpcCall struct {
 	call
 	ctx     context.Context // the call's incoming context, for its metadata
 	bin     string          // the key header's binary variant, "<key header>-bin"
 	req     any
 	handler grpc.UnaryHandler
-	cs      capturingStream
 }
 
 func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -88,15 +86,16 @@ func (g *grpcCall) Run(ctx context.Context, owner bool) Result {
 		resp, err := g.handler(ctx, g.req)
 		return Result{Response: resp, Err: err}
 	}
+	var cs *capturingStream
 	if st != nil {
-		g.cs.ServerTransportStream = st
-		ctx = grpc.NewContextWithServerTransportStream(ctx, &g.cs)
+		cs = &capturingStream{ServerTransportStream: st}
+		ctx = grpc.NewContextWithServerTransportStream(ctx, cs)
 	}
 	resp, err := g.handler(ctx, g.req)
 	r := Result{Response: resp, Err: err, Status: handlerStatus(err)}
 	r.Message, _ = resp.(proto.Message)
-	if st != nil {
-		r.Header, r.Trailer = g.cs.captured()
+	if cs != nil {
+		r.Header, r.Trailer = cs.captured()
 	}
 	return r
 }

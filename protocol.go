@@ -13,6 +13,7 @@ import (
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -182,19 +183,17 @@ type call struct {
 	final *idempotencyv1.Record
 }
 
-// status returns what the client receives: r.Status, or the status of
-// r.Err when the adapter left it unset.
+// finalStatus returns what the client receives: r.Status, or the status of
+// r.Err when the adapter left it unset (nil, which is OK, for no error).
 func (r *Result) finalStatus() *status.Status {
-	if r.Status != nil {
+	if r.Status != nil || r.Err == nil {
 		return r.Status
-	}
-	if r.Err == nil {
-		return okStatus
 	}
 	return handlerStatus(r.Err)
 }
 
-var okStatus = status.New(0, "")
+// okStatus is the status of a replayed response (OK, no message).
+var okStatus = status.New(codes.OK, "")
 
 // handle is the protocol: pass through, refuse, claim, execute or replay.
 func (s *server) handle(ctx context.Context, c *call, req any) (any, error) {

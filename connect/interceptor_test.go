@@ -87,13 +87,15 @@ type clientKind struct {
 }
 
 // clientKinds are the protocols connect-go speaks, on each HTTP version
-// they run on (gRPC needs HTTP/2).
+// they run on (gRPC needs HTTP/2), and the Connect protocol with the JSON
+// codec (a replayed message must encode in JSON too).
 var clientKinds = []clientKind{
 	{name: "connect/http1"},
 	{name: "connect/h2c", h2c: true},
 	{name: "grpc/h2c", protocol: connect.WithGRPC(), h2c: true},
 	{name: "grpcweb/http1", protocol: connect.WithGRPCWeb()},
 	{name: "grpcweb/h2c", protocol: connect.WithGRPCWeb(), h2c: true},
+	{name: "connect+json/http1", protocol: connect.WithProtoJSON()},
 }
 
 func (k clientKind) httpClient(t *testing.T) *http.Client {
