@@ -50,7 +50,9 @@
 // A replayed response is a connect.Response whose Msg is not the method's
 // Go type: connect-go cannot build a *connect.Response[T] for a type known
 // only at run time. Its Any() is a proto.Message that encodes as the stored
-// message, which is all that connect-go's handlers and codecs need;
-// interceptors installed outside this one must treat Any() as a
-// proto.Message rather than assert the concrete type.
+// message, which is all that connect-go's handlers and codecs need.
+// Interceptors installed outside this one must not assert the concrete
+// type on Any(); the concrete message of any response, replayed or not, is
+//
+//	resp.Any().(proto.Message).ProtoReflect().Interface()
 package idempotencyconnect

@@ -62,7 +62,8 @@ type server struct {
 func newServer(t *testing.T, svc *service, p *idempotency.Protocol, opts ...connect.HandlerOption) *server {
 	t.Helper()
 	s := &server{svc: svc}
-	opts = append([]connect.HandlerOption{connect.WithInterceptors(idempotencyconnect.NewInterceptor(p))}, opts...)
+	// Interceptors in opts run outside ours.
+	opts = append(opts, connect.WithInterceptors(idempotencyconnect.NewInterceptor(p)))
 	path, h := testingv1connect.NewTestServiceHandler(svc, opts...)
 	mux := http.NewServeMux()
 	mux.Handle(path, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -269,7 +270,19 @@ func TestReplayFidelity(t *testing.T) {
 				resp.Trailer().Set("X-Ledger-Seq", fmt.Sprintf("%d", 100+n))
 				return resp, nil
 			}}
-			s := newServer(t, svc, idempotency.NewProtocol(idempotency.NewMemoryStore()))
+			// An interceptor outside ours reaches each answer's concrete
+			// message as the package doc says.
+			outer := make(chan any, 10)
+			unwrap := connect.UnaryInterceptorFunc(func(next connect.UnaryFunc) connect.UnaryFunc {
+				return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+					resp, err := next(ctx, req)
+					if err == nil {
+						outer <- resp.Any().(proto.Message).ProtoReflect().Interface()
+					}
+					return resp, err
+				}
+			})
+			s := newServer(t, svc, idempotency.NewProtocol(idempotency.NewMemoryStore()), connect.WithInterceptors(unwrap))
 			c := k.client(t, s)
 			ctx := t.Context()
 
@@ -277,6 +290,7 @@ func TestReplayFidelity(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			<-outer
 			if idempotencyconnect.Replayed(first.Header()) {
 				t.Fatalf("the handler forged the replay marker on a first answer")
 			}
@@ -286,6 +300,9 @@ func TestReplayFidelity(t *testing.T) {
 			}
 			if !idempotencyconnect.Replayed(again.Header()) || !proto.Equal(again.Msg, first.Msg) {
 				t.Fatalf("replay %v (replayed %v), want %v", again.Msg, idempotencyconnect.Replayed(again.Header()), first.Msg)
+			}
+			if m, ok := (<-outer).(*testingv1.DoResponse); !ok || m.GetExecution() != first.Msg.GetExecution() {
+				t.Errorf("an outer interceptor reached the replayed message as %T %v, want the *DoResponse of execution %d", m, m, first.Msg.GetExecution())
 			}
 			for _, h := range []string{"X-Charge-Id", "X-Sig-Bin"} {
 				if got, want := again.Header().Get(h), first.Header().Get(h); got != want || want == "" {

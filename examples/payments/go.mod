@@ -3,8 +3,10 @@ module github.com/idempotency-grpc/idempotency/examples/payments
 go 1.26.0
 
 require (
+	connectrpc.com/connect v1.21.1
 	github.com/alicebob/miniredis/v2 v2.40.0
 	github.com/idempotency-grpc/idempotency v0.1.0
+	github.com/idempotency-grpc/idempotency/connect v0.1.0
 	github.com/idempotency-grpc/idempotency/otel v0.1.0
 	github.com/idempotency-grpc/idempotency/postgres v0.1.0
 	github.com/jackc/pgx/v5 v5.12.0
@@ -12,6 +14,7 @@ require (
 	github.com/redis/go-redis/v9 v9.23.0
 	go.opentelemetry.io/otel/exporters/prometheus v0.69.0
 	go.opentelemetry.io/otel/sdk/metric v1.47.0
+	google.golang.org/genproto/googleapis/rpc v0.0.0-20261104224025-d1e00e9f33ab
 	google.golang.org/grpc v1.85.0
 	google.golang.org/protobuf v1.36.12
 )
@@ -42,12 +45,12 @@ require (
 	golang.org/x/sync v0.23.0 // indirect
 	golang.org/x/sys v0.48.0 // indirect
 	golang.org/x/text v0.42.0 // indirect
-	google.golang.org/genproto/googleapis/rpc v0.0.0-20261104224025-d1e00e9f33ab // indirect
 )
 
 // Development: the working copies (go.work does the same from the root).
 replace (
 	github.com/idempotency-grpc/idempotency => ../..
+	github.com/idempotency-grpc/idempotency/connect => ../../connect
 	github.com/idempotency-grpc/idempotency/otel => ../../otel
 	github.com/idempotency-grpc/idempotency/postgres => ../../postgres
 )

@@ -5,7 +5,7 @@
 // Usage:
 //
 //	go run ./examples/payments [demo] [--redis ADDRS]
-//	go run ./examples/payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464] [--local-cache N] [--quiet] [--bare]
+//	go run ./examples/payments serve [--addr 127.0.0.1:50051] [--http-addr 127.0.0.1:8080] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464] [--local-cache N] [--quiet] [--bare]
 //	go run ./examples/payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
 //	go run ./examples/payments inspect --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
 //	go run ./examples/payments forget --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
@@ -29,6 +29,14 @@
 // ledger lives in memory and starts empty on each start. Without --redis,
 // serve logs the address of its embedded Redis ("embedded Redis at
 // 127.0.0.1:PORT"), which inspect and forget can use while serve runs.
+//
+// With --http-addr, serve also serves the service to HTTP clients through
+// connect-go and the connect module's interceptor: the Connect protocol
+// (curl or fetch with JSON, the key in an Idempotency-Key header, quoted as
+// the IETF draft has it or bare), gRPC-Web, and gRPC over h2c. Both sides
+// share one idempotency.Protocol, so a key is one key whichever way the
+// calls come: a charge made with grpcurl is replayed to curl, marked
+// Idempotency-Replayed: true.
 //
 // Three serve flags are for benchmarks such as bench/ghz.sh: --quiet logs
 // no line per call (formatting and writing it would cost more than the
@@ -99,8 +107,9 @@ func main() {
 const usageText = `Usage:
   payments [demo] [--redis ADDRS]
       tell the double-charge story and check it (exit 0 if every expectation held)
-  payments serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]
+  payments serve [--addr 127.0.0.1:50051] [--http-addr 127.0.0.1:8080] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464]
       serve payments.v1.PaymentsService (with reflection) until SIGINT/SIGTERM,
+      with --http-addr to HTTP clients too (Connect, gRPC-Web; try curl),
       and with --metrics-addr its idempotency metrics at http://ADDR/metrics;
       for benchmarks: --quiet, --local-cache N, --bare (no interceptor)
   payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
@@ -208,8 +217,9 @@ func demoCommand(ctx context.Context, args []string, stdout, stderr io.Writer) e
 }
 
 func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
-	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--redis ADDRS] [--postgres DSN] [--lease DURATION] [--local-cache N] [--latency DURATION] [--metrics-addr 127.0.0.1:9464] [--quiet] [--bare]", stderr)
+	fs := newFlagSet("serve", "serve [--addr 127.0.0.1:50051] [--http-addr 127.0.0.1:8080] [--redis ADDRS] [--postgres DSN] [--lease DURATION] [--local-cache N] [--latency DURATION] [--metrics-addr 127.0.0.1:9464] [--quiet] [--bare]", stderr)
 	addr := fs.String("addr", "127.0.0.1:50051", "`host:port` to listen on")
+	httpAddr := fs.String("http-addr", "", "`host:port` to also serve the service on to HTTP clients through connect-go (the Connect protocol, e.g. curl; gRPC-Web; gRPC over h2c), with the same idempotency state as the gRPC server (default: none)")
 	redisAddrs := fs.String("redis", "", redisFlagHelp)
 	pgDSN := fs.String("postgres", "", "keep the charges in the `DSN`'s charges table (created if missing), and, unless --redis is given too, the idempotency records in its idempotency_records table, committed in the same transaction as each charge")
 	lease := fs.Duration("lease", 0, "the idempotency lease of a running call (default 30s)")
@@ -281,6 +291,13 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer lis.Close()
+	var httpLis net.Listener
+	if *httpAddr != "" {
+		if httpLis, err = net.Listen("tcp", *httpAddr); err != nil {
+			return fmt.Errorf("http: %w", err)
+		}
+		defer httpLis.Close()
+	}
 	var metricsLis net.Listener
 	if *metricsAddr != "" {
 		if metricsLis, err = net.Listen("tcp", *metricsAddr); err != nil {
@@ -303,8 +320,12 @@ func serveCommand(ctx context.Context, args []string, stderr io.Writer) error {
 	if *quiet {
 		logger.Print("--quiet: no log line per call")
 	}
+	if httpLis != nil {
+		logger.Printf("serving payments.v1.PaymentsService to HTTP clients (Connect, gRPC-Web, gRPC over h2c) on http://%s, sharing the idempotency state with gRPC", httpLis.Addr())
+		logger.Printf(`try: curl -s -D - -H 'Content-Type: application/json' -H 'Idempotency-Key: "k1"' -d '{"account_id":"acct_1","amount_cents":1999,"currency":"EUR"}' http://%s/payments.v1.PaymentsService/Charge`, httpLis.Addr())
+	}
 	logger.Printf("try: grpcurl -plaintext -H 'idempotency-key: k1' -d '{\"account_id\":\"acct_1\",\"amount_cents\":1999,\"currency\":\"EUR\"}' %s payments.v1.PaymentsService/Charge", lis.Addr())
-	o := serveOptions{store: store, latency: *latency, metricsLis: metricsLis, logger: logger, book: book, quiet: *quiet}
+	o := serveOptions{store: store, latency: *latency, metricsLis: metricsLis, httpLis: httpLis, logger: logger, book: book, quiet: *quiet}
 	if *lease > 0 {
 		o.opts = append(o.opts, idempotency.WithLease(*lease))
 	}
@@ -329,7 +350,9 @@ type serveOptions struct {
 	latency time.Duration
 	// metricsLis, when set, serves the interceptor's metrics at /metrics.
 	metricsLis net.Listener
-	logger     *log.Logger
+	// httpLis, when set, serves the service to connect-go's protocols.
+	httpLis net.Listener
+	logger  *log.Logger
 	// quiet logs no line per call.
 	quiet bool
 	// book, when set, keeps the charges in Postgres.
@@ -368,8 +391,17 @@ func serve(ctx context.Context, lis net.Listener, o serveOptions) error {
 		metricsSrv = &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
 		go func() { metricsServed <- metricsSrv.Serve(o.metricsLis) }()
 	}
-	srv := newServer(cfg)
+	p := newProtocol(cfg)
+	srv := newServer(cfg, p)
 	reflection.Register(srv)
+	var httpSrv *http.Server
+	httpServed := make(chan error, 1)
+	if o.httpLis != nil {
+		httpSrv = &http.Server{Handler: newHTTPHandler(cfg, p), ReadHeaderTimeout: 10 * time.Second, Protocols: new(http.Protocols)}
+		httpSrv.Protocols.SetHTTP1(true)
+		httpSrv.Protocols.SetUnencryptedHTTP2(true)
+		go func() { httpServed <- httpSrv.Serve(o.httpLis) }()
+	}
 
 	metricsFailed := false
 	defer func() { // after the gRPC server, so that the last calls can be scraped
@@ -392,13 +424,27 @@ func serve(ctx context.Context, lis net.Listener, o serveOptions) error {
 	case err := <-metricsServed:
 		metricsFailed, failed = true, fmt.Errorf("metrics: %w", err)
 		logger.Printf("stopping: %v", failed)
+	case err := <-httpServed:
+		failed = fmt.Errorf("http: %w", err)
+		httpSrv = nil
+		logger.Printf("stopping: %v", failed)
 	case <-ctx.Done():
 	}
 	logger.Print("stopping: waiting for the calls in flight")
 	stopped := make(chan struct{})
+	httpStopped := make(chan struct{})
+	stopCtx, stopNow := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopNow()
 	go func() {
 		srv.GracefulStop()
 		close(stopped)
+	}()
+	go func() {
+		// Waits for the HTTP calls in flight, as GracefulStop does for gRPC.
+		if httpSrv != nil && httpSrv.Shutdown(stopCtx) != nil {
+			_ = httpSrv.Close()
+		}
+		close(httpStopped)
 	}()
 	t := time.NewTimer(10 * time.Second)
 	defer t.Stop()
@@ -407,7 +453,15 @@ func serve(ctx context.Context, lis net.Listener, o serveOptions) error {
 	case <-t.C:
 		logger.Print("calls still running after 10s: closing them")
 		srv.Stop()
+		stopNow()
 		<-stopped
+	}
+	select {
+	case <-httpStopped:
+	case <-t.C:
+		logger.Print("HTTP calls still running after 10s: closing them")
+		stopNow()
+		<-httpStopped
 	}
 	<-served // nil once stopped
 	if failed != nil {

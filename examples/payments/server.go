@@ -151,41 +151,52 @@ type serverConfig struct {
 	metrics func(context.Context, idempotency.Event)
 }
 
-// newServer builds the gRPC server. The interceptor chain, outermost first:
+// newServer builds the gRPC server, with p as its idempotency protocol (nil
+// for none: the "before" picture). The interceptor chain, outermost first:
 //
 //  1. logCalls: one log line per call (what the idempotency interceptor did,
 //     and what the client got);
 //  2. faults (demo only): loses the answer of a chosen call after it ran, as
 //     a network that drops a response on its way back would;
 //  3. the idempotency interceptor, in front of the service.
-func newServer(cfg serverConfig, opts ...grpc.ServerOption) *grpc.Server {
+func newServer(cfg serverConfig, p *idempotency.Protocol, opts ...grpc.ServerOption) *grpc.Server {
 	chain := []grpc.UnaryServerInterceptor{logCalls(cfg)}
 	if cfg.faults != nil {
 		chain = append(chain, cfg.faults.intercept)
 	}
-	if cfg.store != nil {
-		observer := observe
-		if m := cfg.metrics; m != nil {
-			observer = func(ctx context.Context, e idempotency.Event) {
-				observe(ctx, e)
-				m(ctx, e)
-			}
-		}
-		if c := cfg.ledger.chaos; c != nil {
-			inner := observer
-			observer = func(ctx context.Context, e idempotency.Event) {
-				inner(ctx, e)
-				if e.Outcome == idempotency.OutcomeExecuted {
-					c.maybeKill("after-commit") // the outcome is stored; the answer not yet sent
-				}
-			}
-		}
-		iopts := append([]idempotency.Option{idempotency.WithObserver(observer)}, cfg.opts...)
-		chain = append(chain, idempotency.UnaryServerInterceptor(cfg.store, iopts...))
+	if p != nil {
+		chain = append(chain, p.UnaryServerInterceptor())
 	}
 	srv := grpc.NewServer(append(opts, grpc.ChainUnaryInterceptor(chain...))...)
 	paymentsv1.RegisterPaymentsServiceServer(srv, cfg.ledger)
 	return srv
+}
+
+// newProtocol builds the idempotency protocol of cfg, which the gRPC server
+// and the HTTP handler share (nil without a store): its observer hands each
+// call's Event to the log line, the metrics and the chaos killer.
+func newProtocol(cfg serverConfig) *idempotency.Protocol {
+	if cfg.store == nil {
+		return nil
+	}
+	observer := observe
+	if m := cfg.metrics; m != nil {
+		observer = func(ctx context.Context, e idempotency.Event) {
+			observe(ctx, e)
+			m(ctx, e)
+		}
+	}
+	if c := cfg.ledger.chaos; c != nil {
+		inner := observer
+		observer = func(ctx context.Context, e idempotency.Event) {
+			inner(ctx, e)
+			if e.Outcome == idempotency.OutcomeExecuted {
+				c.maybeKill("after-commit") // the outcome is stored; the answer not yet sent
+			}
+		}
+	}
+	iopts := append([]idempotency.Option{idempotency.WithObserver(observer)}, cfg.opts...)
+	return idempotency.NewProtocol(cfg.store, iopts...)
 }
 
 // callNotes collects what the inner interceptors say about one call, for its
@@ -227,28 +238,32 @@ func logCalls(cfg serverConfig) grpc.UnaryServerInterceptor {
 		notes := &callNotes{}
 		start := time.Now()
 		resp, err := handler(context.WithValue(ctx, callNotesKey{}, notes), req)
-		elapsed := time.Since(start)
-
 		md, _ := metadata.FromIncomingContext(ctx)
-		notes.mu.Lock()
-		ev, lost := notes.event, notes.lost
-		notes.mu.Unlock()
-
-		var b strings.Builder
-		fmt.Fprintf(&b, "%s key=%s %s: ", path.Base(info.FullMethod),
-			keyForLog(md.Get(idempotency.DefaultKeyHeader)), verdict(ev, cfg.store != nil))
-		if lost != "" {
-			fmt.Fprintf(&b, "%s, but the answer is lost on the way back (simulated): the client gets %s",
-				lost, status.Code(err))
-		} else {
-			b.WriteString(answer(resp, err, cfg.detailed))
-		}
-		if cfg.detailed {
-			fmt.Fprintf(&b, ", %.1fms", float64(elapsed.Microseconds())/1000)
-		}
-		cfg.logLine(b.String())
+		cfg.logLine(callLine(cfg, path.Base(info.FullMethod), md.Get(idempotency.DefaultKeyHeader), notes, resp, err, time.Since(start)))
 		return resp, err
 	}
+}
+
+// callLine is the log line of one call to method, whose key header carried
+// keys, after the inner interceptors left their notes: what the idempotency
+// interceptor did and what the client got (err is a gRPC status error).
+func callLine(cfg serverConfig, method string, keys []string, notes *callNotes, resp any, err error, elapsed time.Duration) string {
+	notes.mu.Lock()
+	ev, lost := notes.event, notes.lost
+	notes.mu.Unlock()
+
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s key=%s %s: ", method, keyForLog(keys), verdict(ev, cfg.store != nil))
+	if lost != "" {
+		fmt.Fprintf(&b, "%s, but the answer is lost on the way back (simulated): the client gets %s",
+			lost, status.Code(err))
+	} else {
+		b.WriteString(answer(resp, err, cfg.detailed))
+	}
+	if cfg.detailed {
+		fmt.Fprintf(&b, ", %.1fms", float64(elapsed.Microseconds())/1000)
+	}
+	return b.String()
 }
 
 // keyForLog shows the key as sent, quoted when it is not a valid key (so

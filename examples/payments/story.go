@@ -299,7 +299,7 @@ func startServer(cfg serverConfig) (addr string, stop func(), err error) {
 	if err != nil {
 		return "", nil, err
 	}
-	srv := newServer(cfg)
+	srv := newServer(cfg, newProtocol(cfg))
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
