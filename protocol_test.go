@@ -115,7 +115,10 @@ func TestProtocolOverAnotherTransport(t *testing.T) {
 
 	// A stored error, as the transport reported its status.
 	x.header[DefaultKeyHeader] = []string{"k-2"}
-	x.handler = func(context.Context) (*testingv1.DoResponse, error) { runs++; return nil, errors.New("no such account") }
+	x.handler = func(context.Context) (*testingv1.DoResponse, error) {
+		runs++
+		return nil, errors.New("no such account")
+	}
 	_, err = p.Handle(ctx, call, x)
 	if err == nil || errors.As(err, &te) {
 		t.Fatalf("failing first call: %v; want the handler's own error", err)
