@@ -91,7 +91,7 @@ func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 // it cannot pass on: the interceptor's KEY_INVALID error, in the same
 // shape (InvalidArgument, ErrorInfo in the idempotency domain).
 func errMalformedKeyHeader(cause error) error {
-	st := status.New(codes.InvalidArgument, "idempotency: "+cause.Error())
+	st := status.New(codes.InvalidArgument, cause.Error()) // "idempotency: invalid idempotency key: malformed Idempotency-Key header: ..."
 	if d, err := st.WithDetails(&errdetails.ErrorInfo{
 		Reason:   idempotency.ReasonKeyInvalid,
 		Domain:   idempotency.ErrorDomain,
