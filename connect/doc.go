@@ -16,9 +16,12 @@
 //	grpcServer := grpc.NewServer(grpc.UnaryInterceptor(p.UnaryServerInterceptor()))
 //
 // The key travels in the request header Idempotency-Key (or the one set
-// with idempotency.WithKeyHeader), as the IETF draft's structured-field
-// string ("order-42", quotes included) or bare (order-42), so browsers and
-// gRPC clients send it the same way. A method whose Spec declares
+// with idempotency.WithKeyHeader). On the Connect protocol, HTTP's own, it
+// is the IETF draft's header: a structured-field string ("order-42",
+// quotes included) or bare (order-42). On gRPC and gRPC-Web it is
+// metadata, taken as it is (one value), exactly as the gRPC interceptor
+// takes it, so a gRPC client's key means the same whether grpc-go or
+// connect-go serves it. A method whose Spec declares
 // IdempotencyNoSideEffects or IdempotencyIdempotent (connect-go's generated
 // code copies the proto's idempotency_level) ignores keys, as on gRPC,
 // unless its proto declares (idempotency.v1.method).key_required.

@@ -26,9 +26,9 @@ func ExampleNewInterceptor() {
 	srv := httptest.NewServer(mux)
 	defer srv.Close()
 
-	charge := func(client testingv1connect.TestServiceClient) {
+	charge := func(client testingv1connect.TestServiceClient, key string) {
 		req := connect.NewRequest(&testingv1.ChargeRequest{Amount: 1000})
-		req.Header().Set("Idempotency-Key", `"order-42"`) // the IETF draft's form; bare works too
+		req.Header().Set("Idempotency-Key", key)
 		resp, err := client.Charge(context.Background(), req)
 		if err != nil {
 			fmt.Println(err)
@@ -36,9 +36,11 @@ func ExampleNewInterceptor() {
 		}
 		fmt.Printf("charge %s, replayed %v\n", resp.Msg.GetChargeId(), idempotencyconnect.Replayed(resp.Header()))
 	}
-	charge(testingv1connect.NewTestServiceClient(srv.Client(), srv.URL))
-	charge(testingv1connect.NewTestServiceClient(srv.Client(), srv.URL))
-	charge(testingv1connect.NewTestServiceClient(srv.Client(), srv.URL, connect.WithGRPCWeb()))
+	// On the Connect protocol the key may come as the IETF draft's quoted
+	// string; on gRPC-Web, as on gRPC, it is metadata, sent as it is.
+	charge(testingv1connect.NewTestServiceClient(srv.Client(), srv.URL), `"order-42"`)
+	charge(testingv1connect.NewTestServiceClient(srv.Client(), srv.URL), "order-42")
+	charge(testingv1connect.NewTestServiceClient(srv.Client(), srv.URL, connect.WithGRPCWeb()), "order-42")
 
 	_, err := testingv1connect.NewTestServiceClient(srv.Client(), srv.URL).Charge(context.Background(),
 		connect.NewRequest(&testingv1.ChargeRequest{Amount: 1000}))

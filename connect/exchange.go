@@ -29,11 +29,14 @@ type exchange struct {
 
 var _ idempotency.Exchange = (*exchange)(nil)
 
-// RequestKey reads the key from the request header name as the IETF
-// draft's Idempotency-Key: a structured-field string ("k-1") or a bare
-// value (k-1), see idempotency.ParseKeyHeader; the key must then pass
-// idempotency.ValidateKey. A key sent only in the binary variant
-// (name + "-bin") is refused, as on gRPC.
+// RequestKey reads the key from the request header name. On the Connect
+// protocol, HTTP's own, the header is the IETF draft's Idempotency-Key: a
+// structured-field string ("k-1") or a bare value (k-1), see
+// idempotency.ParseKeyHeader. On gRPC and gRPC-Web it is metadata, read as
+// grpc-go's interceptor reads it: exactly one value, taken as it is, so a
+// gRPC client's key is the same key whichever server library serves it.
+// The key must pass idempotency.ValidateKey. A key sent only in the binary
+// variant (name + "-bin") is refused, as on gRPC.
 func (x *exchange) RequestKey(name string) (string, bool, error) {
 	h := x.req.Header()
 	vals := h.Values(name)
@@ -43,11 +46,19 @@ func (x *exchange) RequestKey(name string) (string, bool, error) {
 		}
 		return "", false, nil
 	}
-	key, present, err := idempotency.ParseKeyHeader(vals)
+	var key string
+	var err error
+	if x.req.Peer().Protocol == connect.ProtocolConnect {
+		key, _, err = idempotency.ParseKeyHeader(vals)
+	} else if len(vals) != 1 {
+		err = fmt.Errorf("%w: %d values for %q, want exactly one", idempotency.ErrInvalidKey, len(vals), name)
+	} else {
+		key = vals[0]
+	}
 	if err == nil {
 		err = idempotency.ValidateKey(key)
 	}
-	return key, present, err
+	return key, true, err
 }
 
 func errBinaryKey(name string) error {

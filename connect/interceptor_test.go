@@ -110,6 +110,12 @@ func (k clientKind) httpClient(t *testing.T) *http.Client {
 	return &http.Client{Transport: tr}
 }
 
+// connectProtocol reports whether k speaks the Connect protocol, which
+// reads the key header as the IETF draft's.
+func (k clientKind) connectProtocol() bool {
+	return strings.HasPrefix(k.name, "connect")
+}
+
 func (k clientKind) wantProto() string {
 	if k.h2c {
 		return "HTTP/2.0"
@@ -177,9 +183,13 @@ func TestProtocols(t *testing.T) {
 					if idempotencyconnect.Replayed(first.Header()) {
 						t.Errorf("first call marked as a replay")
 					}
-					again, err := c.Do(ctx, doReq(`"k-1"`, &testingv1.DoRequest{Id: "a", Amount: 5}))
+					repeatKey := "k-1"
+					if k.connectProtocol() {
+						repeatKey = `"k-1"` // the IETF draft's form, on HTTP's own protocol
+					}
+					again, err := c.Do(ctx, doReq(repeatKey, &testingv1.DoRequest{Id: "a", Amount: 5}))
 					if err != nil {
-						t.Fatalf("repeat (key as an sf-string): %v", err)
+						t.Fatalf("repeat (key %s): %v", repeatKey, err)
 					}
 					if !idempotencyconnect.Replayed(again.Header()) {
 						t.Errorf("repeat not marked as a replay: header %v", again.Header())
@@ -203,7 +213,11 @@ func TestProtocols(t *testing.T) {
 					if connect.CodeOf(err) != connect.CodeInvalidArgument || errorInfo(t, err).GetReason() != idempotency.ReasonKeyRequired {
 						t.Errorf("Charge without a key: %v, want InvalidArgument KEY_REQUIRED", err)
 					}
-					for _, bad := range []string{`"unterminated`, "has space", strings.Repeat("x", idempotency.MaxKeyLength+1)} {
+					bad := []string{"has space", strings.Repeat("x", idempotency.MaxKeyLength+1)}
+					if k.connectProtocol() {
+						bad = append(bad, `"unterminated`) // a malformed sf-string; a valid key on gRPC
+					}
+					for _, bad := range bad {
 						_, err = c.Do(ctx, doReq(bad, &testingv1.DoRequest{Id: "b"}))
 						if connect.CodeOf(err) != connect.CodeInvalidArgument || errorInfo(t, err).GetReason() != idempotency.ReasonKeyInvalid {
 							t.Errorf("key %.20q: %v, want InvalidArgument KEY_INVALID", bad, err)
@@ -438,5 +452,40 @@ func TestStoreDown(t *testing.T) {
 func TestReplayedHeaderName(t *testing.T) {
 	if got := http.CanonicalHeaderKey(idempotency.ReplayedHeader); got != idempotencyconnect.ReplayedHeader {
 		t.Errorf("ReplayedHeader = %q, want %q", idempotencyconnect.ReplayedHeader, got)
+	}
+}
+
+// TestKeyForms pins how each protocol reads the key header: the Connect
+// protocol takes the IETF draft's structured-field string ("q" is the key
+// q); gRPC and gRPC-Web take metadata as it is, as grpc-go's interceptor
+// does ("q", quotes included, is a key of its own).
+func TestKeyForms(t *testing.T) {
+	for _, k := range clientKinds {
+		t.Run(k.name, func(t *testing.T) {
+			svc := &service{}
+			s := newServer(t, svc, idempotency.NewProtocol(idempotency.NewMemoryStore()))
+			c := k.client(t, s)
+			for _, key := range []string{`"q"`, "q"} {
+				if _, err := c.Do(t.Context(), doReq(key, &testingv1.DoRequest{})); err != nil {
+					t.Fatalf("key %s: %v", key, err)
+				}
+			}
+			want := int64(2)
+			if k.connectProtocol() {
+				want = 1
+			}
+			if n := svc.runs.Load(); n != want {
+				t.Errorf(`keys "q" and q ran the handler %d times, want %d`, n, want)
+			}
+			// Two header lines: one key on Connect when they agree; never
+			// on gRPC, whose metadata key must have one value.
+			r := doReq("", &testingv1.DoRequest{Id: "two"})
+			r.Header().Add("Idempotency-Key", "two")
+			r.Header().Add("Idempotency-Key", "two")
+			_, err := c.Do(t.Context(), r)
+			if (err == nil) != (want == 1) {
+				t.Errorf("two equal key lines: %v", err)
+			}
+		})
 	}
 }
