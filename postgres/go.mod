@@ -3,10 +3,15 @@ module github.com/idempotency-grpc/idempotency/postgres
 go 1.26.0
 
 // Development: the working copy (go.work does the same from the root).
-replace github.com/idempotency-grpc/idempotency => ../
+replace (
+	github.com/idempotency-grpc/idempotency => ../
+	github.com/idempotency-grpc/idempotency/connect => ../connect
+)
 
 require (
+	connectrpc.com/connect v1.21.1
 	github.com/idempotency-grpc/idempotency v0.1.0
+	github.com/idempotency-grpc/idempotency/connect v0.1.0
 	github.com/jackc/pgx/v5 v5.12.0
 	github.com/redis/go-redis/v9 v9.23.0
 	github.com/stretchr/testify v1.12.1
