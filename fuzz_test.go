@@ -145,7 +145,7 @@ func FuzzDecodeRecord(f *testing.F) {
 		}
 		_ = entriesToMD(rec.GetHeader())
 		if rec.GetState() == idempotencyv1.Record_STATE_COMPLETED {
-			g := &grpcCall{ctx: context.Background(), bin: s.o.binHeader}
+			g := &grpcCall{ctx: context.Background()}
 			g.call = call{method: methodDo, x: g}
 			_, _ = s.replay(context.Background(), &g.call, rec)
 		}

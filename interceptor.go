@@ -53,24 +53,20 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 type grpcCall struct {
 	call
 	ctx     context.Context // the call's incoming context, for its metadata
-	bin     string          // the key header's binary variant, "<key header>-bin"
 	req     any
 	handler grpc.UnaryHandler
 }
 
 func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	g := &grpcCall{ctx: ctx, bin: s.o.binHeader, req: req, handler: handler}
+	g := &grpcCall{ctx: ctx, req: req, handler: handler}
 	g.call = call{method: info.FullMethod, x: g, ev: Event{Method: info.FullMethod}}
 	return s.handle(ctx, &g.call, req)
 }
 
-// RequestKey returns the key in the call's incoming metadata under name,
-// the server's key header (read without copying the whole metadata). A key
-// sent as binary metadata is refused.
-func (g *grpcCall) RequestKey(name string) (string, bool, error) {
-	vals := metadata.ValueFromIncomingContext(g.ctx, name)
-	binary := len(vals) == 0 && len(metadata.ValueFromIncomingContext(g.ctx, g.bin)) > 0
-	return keyFromValues(vals, binary, name)
+// RequestHeader returns the call's incoming metadata values of name (read
+// without copying the whole metadata).
+func (g *grpcCall) RequestHeader(name string) []string {
+	return metadata.ValueFromIncomingContext(g.ctx, name)
 }
 
 // Run runs the handler. An owner's runs with a stream that captures the

@@ -66,18 +66,22 @@ type Call struct {
 	// does, unless it declares (idempotency.v1.method).key_required.
 	// [WithKeyPolicy] sees the result as the declared policy.
 	Idempotent bool
+	// HTTPKeyHeader reports that the key header is the IETF draft's
+	// Idempotency-Key HTTP header, read with [ParseKeyHeader] (a
+	// structured-field string or a bare value), as on HTTP's own protocols
+	// (Connect). Otherwise the header is metadata, read as the gRPC
+	// interceptor reads it: exactly one value, taken as it is, and not in
+	// its binary ("-bin") variant.
+	HTTPKeyHeader bool
 }
 
 // Exchange is the transport's side of one call: what [Protocol.Handle]
 // asks of the adapter. Implementations live in transport adapters; the
 // gRPC one is in this package, the Connect one in the connect module.
 type Exchange interface {
-	// RequestKey returns the idempotency key the client sent in the
-	// request header (metadata key) name, which is lower case. present is
-	// false when it sent none. A header that does not carry exactly one
-	// valid key ([ValidateKey]) is an error wrapping [ErrInvalidKey]: the
-	// call is refused with InvalidArgument, KEY_INVALID.
-	RequestKey(name string) (key string, present bool, err error)
+	// RequestHeader returns the values the client sent for the request
+	// header (metadata key) name, which is lower case.
+	RequestHeader(name string) []string
 
 	// Run runs the handler with ctx and reports its outcome. owner is true
 	// when the call runs as the key's owner: the Result must then report
@@ -135,7 +139,7 @@ type Stored struct {
 // or passes through, what [Exchange.Replay] returns for a repeat, and
 // [Exchange.Refuse]'s form of the protocol's error otherwise.
 func (p *Protocol) Handle(ctx context.Context, in Call, x Exchange) (any, error) {
-	c := &call{method: in.Method, idempotent: in.Idempotent, x: x, ev: Event{Method: in.Method}}
+	c := &call{method: in.Method, idempotent: in.Idempotent, httpKey: in.HTTPKeyHeader, x: x, ev: Event{Method: in.Method}}
 	return p.s.handle(ctx, c, in.Request)
 }
 
@@ -168,6 +172,7 @@ type server struct {
 type call struct {
 	method     string
 	idempotent bool
+	httpKey    bool // Call.HTTPKeyHeader
 	x          Exchange
 	key        string
 	storeKey   string
@@ -202,7 +207,7 @@ func (s *server) handle(ctx context.Context, c *call, req any) (any, error) {
 		r := c.x.Run(ctx, false)
 		return r.Response, r.Err
 	}
-	key, present, err := s.extractKey(c.x, req)
+	key, present, err := s.extractKey(c, req)
 	if err != nil {
 		return nil, s.fail(ctx, c, OutcomeKeyInvalid, errKeyInvalid(c.method, s.keySource(), err), nil)
 	}
@@ -267,9 +272,18 @@ func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause 
 
 // extractKey returns the call's key from the request header, or from the
 // request field set with WithKeyField.
-func (s *server) extractKey(x Exchange, req any) (string, bool, error) {
+func (s *server) extractKey(c *call, req any) (string, bool, error) {
 	if s.o.keyField == "" {
-		return x.RequestKey(s.o.keyHeader)
+		vals := c.x.RequestHeader(s.o.keyHeader)
+		if c.httpKey && len(vals) > 0 {
+			key, _, err := ParseKeyHeader(vals)
+			if err == nil {
+				err = ValidateKey(key)
+			}
+			return key, true, err
+		}
+		binary := len(vals) == 0 && len(c.x.RequestHeader(s.o.binHeader)) > 0
+		return keyFromValues(vals, binary, s.o.keyHeader)
 	}
 	m, ok := req.(proto.Message)
 	if !ok {

@@ -32,10 +32,7 @@ func (e transportErr) Error() string { return "transport: " + e.st.Message() }
 
 type replayed struct{ Stored }
 
-func (x *testTransport) RequestKey(name string) (string, bool, error) {
-	vals := x.header[name]
-	return keyFromValues(vals, false, name)
-}
+func (x *testTransport) RequestHeader(name string) []string { return x.header[name] }
 
 func (x *testTransport) Run(ctx context.Context, owner bool) Result {
 	resp, err := x.handler(ctx)
@@ -188,5 +185,36 @@ func TestProtocolTxStore(t *testing.T) {
 	}
 	if n := store.writes(); n != 1 {
 		t.Errorf("%d committed writes for two calls with one key, want 1", n)
+	}
+}
+
+// TestHTTPKeyHeader checks Call.HTTPKeyHeader: the IETF draft's header is
+// read with ParseKeyHeader ("q" is the key q; a malformed string is
+// refused), metadata as it is ("q", quotes included, is a key of its own).
+func TestHTTPKeyHeader(t *testing.T) {
+	for _, httpKey := range []bool{true, false} {
+		p := NewProtocol(NewMemoryStore())
+		runs := 0
+		x := &testTransport{handler: func(context.Context) (*testingv1.DoResponse, error) { runs++; return &testingv1.DoResponse{}, nil }}
+		call := Call{Method: testservice.MethodDo, Request: &testingv1.DoRequest{}, HTTPKeyHeader: httpKey}
+		for _, key := range []string{`"q"`, "q"} {
+			x.header = map[string][]string{DefaultKeyHeader: {key}}
+			if _, err := p.Handle(context.Background(), call, x); err != nil {
+				t.Fatalf("HTTPKeyHeader %v, key %s: %v", httpKey, key, err)
+			}
+		}
+		want := 2
+		if httpKey {
+			want = 1
+		}
+		if runs != want {
+			t.Errorf("HTTPKeyHeader %v: keys \"q\" and q ran the handler %d times, want %d", httpKey, runs, want)
+		}
+		x.header = map[string][]string{DefaultKeyHeader: {`"unterminated`}}
+		_, err := p.Handle(context.Background(), call, x)
+		var te transportErr
+		if refused := errors.As(err, &te) && ReasonOf(te.st.Err()) == ReasonKeyInvalid; refused != httpKey {
+			t.Errorf("HTTPKeyHeader %v: a malformed sf-string: %v", httpKey, err)
+		}
 	}
 }

@@ -10,18 +10,12 @@ import (
 // produced (idempotency.ReasonKeyReused, ...), as a connect-go client or
 // handler sees it, or "" for any other error.
 func ReasonOf(err error) string {
-	if err == nil {
-		return ""
-	}
-	return idempotency.ReasonOf(statusOf(err).Err())
+	return idempotency.ReasonOf(StatusOf(err).Err())
 }
 
 // RetryDelayOf returns the delay the server suggests before retrying an
 // error it produced (the RetryInfo of KEY_IN_PROGRESS), as a connect-go
 // client sees it.
 func RetryDelayOf(err error) (time.Duration, bool) {
-	if err == nil {
-		return 0, false
-	}
-	return idempotency.RetryDelayOf(statusOf(err).Err())
+	return idempotency.RetryDelayOf(StatusOf(err).Err())
 }

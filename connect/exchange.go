@@ -7,7 +7,6 @@ package idempotencyconnect
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net/http"
 	"strings"
 
@@ -29,40 +28,9 @@ type exchange struct {
 
 var _ idempotency.Exchange = (*exchange)(nil)
 
-// RequestKey reads the key from the request header name. On the Connect
-// protocol, HTTP's own, the header is the IETF draft's Idempotency-Key: a
-// structured-field string ("k-1") or a bare value (k-1), see
-// idempotency.ParseKeyHeader. On gRPC and gRPC-Web it is metadata, read as
-// grpc-go's interceptor reads it: exactly one value, taken as it is, so a
-// gRPC client's key is the same key whichever server library serves it.
-// The key must pass idempotency.ValidateKey. A key sent only in the binary
-// variant (name + "-bin") is refused, as on gRPC.
-func (x *exchange) RequestKey(name string) (string, bool, error) {
-	h := x.req.Header()
-	vals := h.Values(name)
-	if len(vals) == 0 {
-		if len(h.Values(name+"-bin")) > 0 {
-			return "", true, errBinaryKey(name)
-		}
-		return "", false, nil
-	}
-	var key string
-	var err error
-	if x.req.Peer().Protocol == connect.ProtocolConnect {
-		key, _, err = idempotency.ParseKeyHeader(vals)
-	} else if len(vals) != 1 {
-		err = fmt.Errorf("%w: %d values for %q, want exactly one", idempotency.ErrInvalidKey, len(vals), name)
-	} else {
-		key = vals[0]
-	}
-	if err == nil {
-		err = idempotency.ValidateKey(key)
-	}
-	return key, true, err
-}
-
-func errBinaryKey(name string) error {
-	return fmt.Errorf("%w: the key must be sent as %q, not as binary metadata %q", idempotency.ErrInvalidKey, name, name+"-bin")
+// RequestHeader returns the request's values of the header name.
+func (x *exchange) RequestHeader(name string) []string {
+	return x.req.Header().Values(name)
 }
 
 // Run runs the handler. The replay marker is removed from whatever the
@@ -90,7 +58,7 @@ func (x *exchange) Run(ctx context.Context, owner bool) idempotency.Result {
 	}
 	r := idempotency.Result{Response: resp, Err: err}
 	if err != nil {
-		r.Status = statusOf(err)
+		r.Status = StatusOf(err)
 	}
 	if !owner {
 		return r
@@ -146,10 +114,14 @@ func (x *exchange) Refuse(err error) error {
 	return connectError(st.Proto())
 }
 
-// statusOf is the status connect-go sends for a handler's error: a
-// *connect.Error's code, message and details; a context error's code; and
-// Unknown with the error's text for anything else.
-func statusOf(err error) *status.Status {
+// StatusOf returns the gRPC status an error stands for as connect-go sends
+// it: a *connect.Error's code, message and details; a context error's code;
+// Unknown with the error's text for anything else; nil for nil. With it,
+// the core's helpers (idempotency.ReasonOf, ...) read connect-go errors.
+func StatusOf(err error) *status.Status {
+	if err == nil {
+		return nil
+	}
 	var ce *connect.Error
 	if !errors.As(err, &ce) || ce == nil {
 		switch {

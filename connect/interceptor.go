@@ -42,6 +42,11 @@ func (i *interceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 			Method:     spec.Procedure,
 			Request:    req.Any(),
 			Idempotent: spec.IdempotencyLevel != connect.IdempotencyUnknown,
+			// On the Connect protocol, HTTP's own, the key header is the
+			// IETF draft's; on gRPC and gRPC-Web it is metadata, read as
+			// grpc-go's interceptor reads it, so a gRPC client's key means
+			// the same whichever library serves it.
+			HTTPKeyHeader: req.Peer().Protocol == connect.ProtocolConnect,
 		}, x)
 		if err != nil {
 			return nil, err

@@ -19,6 +19,7 @@ import (
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -487,5 +488,29 @@ func TestKeyForms(t *testing.T) {
 				t.Errorf("two equal key lines: %v", err)
 			}
 		})
+	}
+}
+
+// TestStatusOf pins the status each kind of error stands for, as
+// connect-go sends it.
+func TestStatusOf(t *testing.T) {
+	if st := idempotencyconnect.StatusOf(nil); st != nil {
+		t.Errorf("StatusOf(nil) = %v, want nil", st)
+	}
+	if c := idempotencyconnect.StatusOf(fmt.Errorf("wrapped: %w", context.Canceled)).Code(); c != codes.Canceled {
+		t.Errorf("a context error: %v, want Canceled", c)
+	}
+	if st := idempotencyconnect.StatusOf(errors.New("boom")); st.Code() != codes.Unknown || st.Message() != "boom" {
+		t.Errorf("a plain error: %v, want Unknown boom", st)
+	}
+	ce := connect.NewError(connect.CodeNotFound, errors.New("gone"))
+	d, _ := connect.NewErrorDetail(&errdetails.ResourceInfo{ResourceName: "r"})
+	ce.AddDetail(d)
+	st := idempotencyconnect.StatusOf(fmt.Errorf("wrapped: %w", ce))
+	if st.Code() != codes.NotFound || st.Message() != "gone" || len(st.Details()) != 1 {
+		t.Errorf("a connect error: %v %v, want NotFound gone with its detail", st, st.Details())
+	}
+	if r := idempotencyconnect.ReasonOf(nil); r != "" {
+		t.Errorf("ReasonOf(nil) = %q", r)
 	}
 }

@@ -12,11 +12,8 @@ import (
 	idempotencyconnect "github.com/idempotency-grpc/idempotency/connect"
 	"github.com/idempotency-grpc/idempotency/examples/payments/internal/gen/payments/v1/paymentsv1connect"
 	paymentsv1 "github.com/idempotency-grpc/idempotency/proto/payments/v1"
-	spb "google.golang.org/genproto/googleapis/rpc/status"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // newHTTPHandler serves the ledger to HTTP clients through connect-go: the
@@ -81,25 +78,8 @@ func logConnect(cfg serverConfig) connect.Interceptor {
 				}
 			}
 			cfg.logLine(callLine(cfg, path.Base(req.Spec().Procedure)+" ("+req.Peer().Protocol+")",
-				req.Header().Values(idempotency.DefaultKeyHeader), notes, msg, statusError(err), time.Since(start)))
+				req.Header().Values(idempotency.DefaultKeyHeader), notes, msg, idempotencyconnect.StatusOf(err).Err(), time.Since(start)))
 			return resp, err
 		}
 	})
-}
-
-// statusError is a connect-go error as the gRPC status error it stands for
-// (code, message, details), for the log line; nil stays nil.
-func statusError(err error) error {
-	if err == nil {
-		return nil
-	}
-	ce := new(connect.Error)
-	if !errors.As(err, &ce) {
-		return status.Error(codes.Unknown, err.Error()) // as connect-go sends it
-	}
-	sp := &spb.Status{Code: int32(ce.Code()), Message: ce.Message()}
-	for _, d := range ce.Details() {
-		sp.Details = append(sp.Details, &anypb.Any{TypeUrl: "type.googleapis.com/" + d.Type(), Value: d.Bytes()})
-	}
-	return status.FromProto(sp).Err()
 }
