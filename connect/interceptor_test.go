@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -16,6 +15,7 @@ import (
 	"github.com/idempotency-grpc/idempotency"
 	idempotencyconnect "github.com/idempotency-grpc/idempotency/connect"
 	"github.com/idempotency-grpc/idempotency/connect/internal/gen/idempotency/testing/v1/testingv1connect"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
 	"github.com/redis/go-redis/v9"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -71,13 +71,7 @@ func newServer(t *testing.T, svc *service, p *idempotency.Protocol, opts ...conn
 		s.proto.Store(r.Proto)
 		h.ServeHTTP(w, r)
 	}))
-	hs := httptest.NewUnstartedServer(mux)
-	hs.Config.Protocols = new(http.Protocols)
-	hs.Config.Protocols.SetHTTP1(true)
-	hs.Config.Protocols.SetUnencryptedHTTP2(true)
-	hs.Start()
-	t.Cleanup(hs.Close)
-	s.url = hs.URL
+	s.url = testservice.ServeHTTP(t, mux).URL
 	return s
 }
 
@@ -100,17 +94,6 @@ var clientKinds = []clientKind{
 	{name: "connect+json/http1", protocol: connect.WithProtoJSON()},
 }
 
-func (k clientKind) httpClient(t *testing.T) *http.Client {
-	tr := &http.Transport{Protocols: new(http.Protocols)}
-	if k.h2c {
-		tr.Protocols.SetUnencryptedHTTP2(true)
-	} else {
-		tr.Protocols.SetHTTP1(true)
-	}
-	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr}
-}
-
 // connectProtocol reports whether k speaks the Connect protocol, which
 // reads the key header as the IETF draft's.
 func (k clientKind) connectProtocol() bool {
@@ -129,7 +112,7 @@ func (k clientKind) client(t *testing.T, s *server) testingv1connect.TestService
 	if k.protocol != nil {
 		opts = append(opts, k.protocol)
 	}
-	return testingv1connect.NewTestServiceClient(k.httpClient(t), s.url, opts...)
+	return testingv1connect.NewTestServiceClient(testservice.HTTPClient(t, k.h2c), s.url, opts...)
 }
 
 func doReq(key string, msg *testingv1.DoRequest) *connect.Request[testingv1.DoRequest] {

@@ -69,18 +69,10 @@ func newEveryClient(t *testing.T, grpcSide, connectSide *idempotency.Protocol) *
 			return connect.NewResponse(resp), nil
 		},
 		connect.WithInterceptors(idempotencyconnect.NewInterceptor(connectSide)))
-	cs := httptest.NewUnstartedServer(do)
-	cs.Config.Protocols = new(http.Protocols)
-	cs.Config.Protocols.SetHTTP1(true)
-	cs.Config.Protocols.SetUnencryptedHTTP2(true)
-	cs.Start()
-	t.Cleanup(cs.Close)
-	h2c := &http.Transport{Protocols: new(http.Protocols)}
-	h2c.Protocols.SetUnencryptedHTTP2(true)
-	t.Cleanup(h2c.CloseIdleConnections)
+	cs := testservice.ServeHTTP(t, do)
 	url := cs.URL + testservice.MethodDo
 	e.connect["connect"] = connect.NewClient[testingv1.DoRequest, testingv1.DoResponse](cs.Client(), url)
-	e.connect["connect-grpc"] = connect.NewClient[testingv1.DoRequest, testingv1.DoResponse](&http.Client{Transport: h2c}, url, connect.WithGRPC())
+	e.connect["connect-grpc"] = connect.NewClient[testingv1.DoRequest, testingv1.DoResponse](testservice.HTTPClient(t, true), url, connect.WithGRPC())
 	e.connect["connect-grpcweb"] = connect.NewClient[testingv1.DoRequest, testingv1.DoResponse](cs.Client(), url, connect.WithGRPCWeb())
 	return e
 }

@@ -3,8 +3,6 @@ package idempotencypg
 import (
 	"context"
 	"fmt"
-	"net/http"
-	"net/http/httptest"
 	"sync"
 	"testing"
 	"time"
@@ -39,19 +37,11 @@ func TestTxOverConnectAndGRPC(t *testing.T) {
 			return connect.NewResponse(resp), nil
 		},
 		connect.WithInterceptors(idempotencyconnect.NewInterceptor(p)))
-	hs := httptest.NewUnstartedServer(charge)
-	hs.Config.Protocols = new(http.Protocols)
-	hs.Config.Protocols.SetHTTP1(true)
-	hs.Config.Protocols.SetUnencryptedHTTP2(true)
-	hs.Start()
-	t.Cleanup(hs.Close)
-	h2c := &http.Transport{Protocols: new(http.Protocols)}
-	h2c.Protocols.SetUnencryptedHTTP2(true)
-	t.Cleanup(h2c.CloseIdleConnections)
+	hs := testservice.ServeHTTP(t, charge)
 	url := hs.URL + testservice.MethodCharge
 	connectClients := []*connect.Client[testingv1.ChargeRequest, testingv1.ChargeResponse]{
 		connect.NewClient[testingv1.ChargeRequest, testingv1.ChargeResponse](hs.Client(), url),
-		connect.NewClient[testingv1.ChargeRequest, testingv1.ChargeResponse](&http.Client{Transport: h2c}, url, connect.WithGRPC()),
+		connect.NewClient[testingv1.ChargeRequest, testingv1.ChargeResponse](testservice.HTTPClient(t, true), url, connect.WithGRPC()),
 		connect.NewClient[testingv1.ChargeRequest, testingv1.ChargeResponse](hs.Client(), url, connect.WithGRPCWeb()),
 	}
 

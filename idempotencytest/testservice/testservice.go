@@ -11,6 +11,8 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"sync/atomic"
 	"testing"
 
@@ -125,4 +127,32 @@ func Start(svc testingv1.TestServiceServer, server []grpc.ServerOption, dial ...
 		return nil, nil, err
 	}
 	return client, func() { closeConn(); stopServer() }, nil
+}
+
+// ServeHTTP serves h on a loopback httptest.Server that speaks HTTP/1.1 and
+// HTTP/2 without TLS (h2c), as connect-go's protocols need (gRPC runs on
+// HTTP/2 only), closed when the test ends.
+func ServeHTTP(tb testing.TB, h http.Handler) *httptest.Server {
+	tb.Helper()
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.Protocols = new(http.Protocols)
+	srv.Config.Protocols.SetHTTP1(true)
+	srv.Config.Protocols.SetUnencryptedHTTP2(true)
+	srv.Start()
+	tb.Cleanup(srv.Close)
+	return srv
+}
+
+// HTTPClient returns an HTTP client that speaks only HTTP/2 without TLS
+// (h2c) when h2c is true, only HTTP/1.1 otherwise, its idle connections
+// closed when the test ends.
+func HTTPClient(tb testing.TB, h2c bool) *http.Client {
+	tr := &http.Transport{Protocols: new(http.Protocols)}
+	if h2c {
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	} else {
+		tr.Protocols.SetHTTP1(true)
+	}
+	tb.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
 }
