@@ -173,6 +173,19 @@ func echoKey(s *testservice.Service) {
 	}
 }
 
+// wantKeyK1Once posts the same request twice with Idempotency-Key "k1"
+// (echoKey's service): the handler gets the key k1 and runs once, and the
+// second answer is a replay.
+func wantKeyK1Once(t *testing.T, g *gateway) {
+	t.Helper()
+	first := g.post(t, "/v1/do", `{}`, `"k1"`)
+	second := g.post(t, "/v1/do", `{}`, `"k1"`)
+	if got := first.doResponse(t).GetId(); got != "k1" || !second.replayed() {
+		t.Errorf("the handler got key %q, second replayed %v; want k1, true", got, second.replayed())
+	}
+	wantRuns(t, g, 1)
+}
+
 func wantRuns(t *testing.T, g *gateway, want int64) {
 	t.Helper()
 	if got := g.svc.Runs.Load(); got != want {
@@ -494,12 +507,7 @@ func TestWithKeyHeader(t *testing.T) {
 		gw:     []idempotencygw.Option{idempotencygw.WithKeyHeader("X-Request-Key")},
 		svc:    echoKey,
 	})
-	first := g.post(t, "/v1/do", `{}`, `"k1"`)
-	second := g.post(t, "/v1/do", `{}`, `"k1"`)
-	if got := first.doResponse(t).GetId(); got != "k1" || !second.replayed() {
-		t.Errorf("the handler got key %q, second replayed %v; want k1, true", got, second.replayed())
-	}
-	wantRuns(t, g, 1)
+	wantKeyK1Once(t, g)
 }
 
 // TestRawHeaderNeverForwarded verifies that an incoming header matcher
@@ -512,12 +520,7 @@ func TestRawHeaderNeverForwarded(t *testing.T) {
 		})},
 		svc: echoKey,
 	})
-	first := g.post(t, "/v1/do", `{}`, `"k1"`)
-	second := g.post(t, "/v1/do", `{}`, `"k1"`)
-	if got := first.doResponse(t).GetId(); got != "k1" || !second.replayed() {
-		t.Errorf("the handler got key %q, second replayed %v; want k1, true", got, second.replayed())
-	}
-	wantRuns(t, g, 1)
+	wantKeyK1Once(t, g)
 }
 
 // TestParsedKeyWins verifies that with grpc-gateway's legacy header
