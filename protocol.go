@@ -222,8 +222,15 @@ func (s *server) handle(ctx context.Context, c *call, req any) (any, error) {
 		return r.Response, r.Err
 	}
 	c.key = key
+	return s.handleKey(ctx, c, req)
+}
 
+// handleKey handles a call whose key is known (c.key): scope and
+// fingerprint it, then answer it locally, wait for a coalesced duplicate,
+// or claim the key.
+func (s *server) handleKey(ctx context.Context, c *call, req any) (any, error) {
 	var scope string
+	var err error
 	if s.o.scope != nil {
 		if scope, err = s.o.scope(ctx); err != nil {
 			if _, ok := status.FromError(err); !ok {
@@ -232,7 +239,7 @@ func (s *server) handle(ctx context.Context, c *call, req any) (any, error) {
 			return nil, s.fail(ctx, c, OutcomeRejected, err, nil)
 		}
 	}
-	c.storeKey = StoreKey(c.method, scope, key)
+	c.storeKey = StoreKey(c.method, scope, c.key)
 	if c.fp, err = s.o.fingerprint(c.method, req); err != nil {
 		return nil, s.fail(ctx, c, OutcomeRejected, errFingerprintFailed(c.method), err)
 	}
