@@ -54,7 +54,10 @@ import (
 //
 // The response is the last attempt's: [Replayed] on its Header() (or on the
 // error's Meta()) reports whether the server replayed a stored outcome.
-// [WithCallResult] reports the key, the attempts and the replay flag.
+// [WithCallResult] reports the key, the attempts and the replay flag. The
+// request's header is left as the caller made it: a request value sent
+// again is a new logical call and gets a new key. To retry a call
+// yourself, give it its key with idempotency.WithKey or in the header.
 //
 // Install it first (outermost) among the client's interceptors, before any
 // interceptor that retries on its own: connect-go runs the interceptors
@@ -130,8 +133,9 @@ func (c *clientInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc 
 		}
 
 		var (
-			resp connect.AnyResponse
-			last error // the last attempt's error, as connect-go returned it
+			resp  connect.AnyResponse
+			last  error // the last attempt's error, as connect-go returned it
+			added bool  // whether the request's header got the key from us
 		)
 		invoke := func(actx context.Context, _ string, _, _ any, _ *grpc.ClientConn, opts ...grpc.CallOption) error {
 			if len(h.Values(c.header)) == 0 {
@@ -140,6 +144,7 @@ func (c *clientInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc 
 				if md, ok := metadata.FromOutgoingContext(actx); ok {
 					if vals := md.Get(c.mdKey); len(vals) > 0 {
 						h.Set(c.header, headerValue(vals[0], connectProtocol))
+						added = true
 					}
 				}
 			}
@@ -165,6 +170,11 @@ func (c *clientInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc 
 			callOpts = append(callOpts, idempotency.CallResult(info))
 		}
 		err := c.core(ctx, spec.Procedure, req.Any(), nil, nil, invoke, callOpts...)
+		if added {
+			// The key belongs to this logical call, not to the request
+			// value: sent again, the request is a new call with a new key.
+			h.Del(c.header)
+		}
 		if err == nil {
 			return resp, nil
 		}

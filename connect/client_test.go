@@ -659,3 +659,32 @@ func TestClientPerAttemptTimeout(t *testing.T) {
 		})
 	}
 }
+
+// TestClientRequestReused checks that the generated key belongs to the
+// logical call, not to the request value: the same *connect.Request sent
+// twice is two calls with two keys (two executions), and its header is
+// left as the caller made it.
+func TestClientRequestReused(t *testing.T) {
+	for _, k := range clientKinds {
+		t.Run(k.name, func(t *testing.T) {
+			var mu sync.Mutex
+			var keys []string
+			svc := keyService(&keys, &mu, nil)
+			url := serveFront(t, svc, idempotency.NewProtocol(idempotency.NewMemoryStore()), &frontDoor{})
+			c := k.idemClient(t, url)
+			req := connect.NewRequest(&testingv1.DoRequest{Id: "same"})
+			for i := range 2 {
+				resp, err := c.Do(clientCtx(t), req)
+				if err != nil || idempotencyconnect.Replayed(resp.Header()) {
+					t.Fatalf("call %d: %v (replayed %v), want a fresh answer", i+1, err, err == nil && idempotencyconnect.Replayed(resp.Header()))
+				}
+				if v := req.Header().Values("Idempotency-Key"); len(v) != 0 {
+					t.Fatalf("after call %d the request's header holds key %q, want it left as it was", i+1, v)
+				}
+			}
+			if len(keys) != 2 || keys[0] == keys[1] || svc.runs.Load() != 2 {
+				t.Errorf("two calls ran with keys %q (%d runs), want two different keys, 2 runs", keys, svc.runs.Load())
+			}
+		})
+	}
+}

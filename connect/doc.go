@@ -58,4 +58,13 @@
 // type on Any(); the concrete message of any response, replayed or not, is
 //
 //	resp.Any().(proto.Message).ProtoReflect().Interface()
+//
+// On the client side, [NewClientInterceptor] gives connect-go clients what
+// the core's gRPC client interceptor gives grpc-go ones: one key per
+// logical call, and retries with that key after a lost answer or an
+// in-progress one, within the caller's deadline. It is that interceptor,
+// run over connect-go, with options of the same names:
+//
+//	client := paymentsv1connect.NewPaymentsServiceClient(http.DefaultClient, url,
+//		connect.WithInterceptors(idempotencyconnect.NewClientInterceptor()))
 package idempotencyconnect

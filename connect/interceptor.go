@@ -17,8 +17,9 @@ import (
 //	path, h := paymentsv1connect.NewPaymentsServiceHandler(svc,
 //		connect.WithInterceptors(idempotencyconnect.NewInterceptor(p)))
 //
-// It is a handler interceptor: on clients it passes calls through, as it
-// does streaming calls. Panics if p is nil.
+// It is a handler interceptor: on clients it passes calls through (use
+// [NewClientInterceptor] there), as it does streaming calls. Panics if p
+// is nil.
 func NewInterceptor(p *idempotency.Protocol) connect.Interceptor {
 	if p == nil {
 		panic("idempotencyconnect.NewInterceptor: nil Protocol: build one with idempotency.NewProtocol")
