@@ -1,7 +1,10 @@
 // Package pgtest starts throwaway PostgreSQL clusters for tests: initdb
 // into a temporary directory (as the postgres user when run as root, since
 // initdb refuses root), fsync off, on a free loopback port, stopped with
-// pg_ctl stop -m immediate and deleted when the test ends.
+// pg_ctl stop -m immediate and deleted when the test ends. For failover
+// tests, [StartPrimary] and [Cluster.StartStandby] make a primary and a
+// streaming hot standby (synchronous with [Cluster.SyncStandby]), and
+// [Cluster.Kill] and [Cluster.Promote] fail it over.
 //
 // It looks for the server binaries in $IDEMPOTENCY_PG_BIN, then in
 // Debian's /usr/lib/postgresql/<version>/bin (the newest), then on PATH.
@@ -34,10 +37,11 @@ type Cluster struct {
 	// DSN connects to its postgres database as the postgres superuser.
 	DSN string
 	// Port is the loopback port it listens on.
-	Port int
-	bin  string
-	dir  string
-	asPG bool // run its tools as the postgres user
+	Port     int
+	bin      string
+	dir      string
+	asPG     bool     // run its tools as the postgres user
+	settings []string // the -c settings it was started with
 }
 
 // BinDir returns the directory of initdb and pg_ctl, or "" when none is
@@ -123,7 +127,25 @@ func Start(t testing.TB) *Cluster {
 	return c
 }
 
-func start(bin string) (*Cluster, error) {
+func start(bin string, settings ...string) (*Cluster, error) {
+	c, err := newCluster(bin)
+	if err != nil {
+		return nil, err
+	}
+	if out, err := c.run("initdb", "-D", c.data(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"); err != nil {
+		os.RemoveAll(c.dir)
+		return nil, fmt.Errorf("pgtest: initdb: %v\n%s", err, out)
+	}
+	if err := c.launch(settings); err != nil {
+		os.RemoveAll(c.dir)
+		return nil, err
+	}
+	return c, nil
+}
+
+// newCluster makes the cluster's directory, owned by the postgres user
+// when running as root.
+func newCluster(bin string) (*Cluster, error) {
 	dir, err := os.MkdirTemp("", "pgtest-")
 	if err != nil {
 		return nil, err
@@ -143,32 +165,37 @@ func start(bin string) (*Cluster, error) {
 		}
 		c.asPG = true
 	}
-	data := filepath.Join(dir, "data")
-	if out, err := c.run("initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("pgtest: initdb: %v\n%s", err, out)
-	}
+	return c, nil
+}
+
+func (c *Cluster) data() string { return filepath.Join(c.dir, "data") }
+
+// launch starts the server on c's data directory on a free port, with
+// settings (-c name=value each) after the throwaway defaults, so they win.
+func (c *Cluster) launch(settings []string) error {
 	for range 5 {
 		port, err := freePort()
 		if err != nil {
 			break
 		}
-		opts := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300", port, dir)
-		out, err := c.run("pg_ctl", "-D", data, "-o", opts, "-l", filepath.Join(dir, "log"), "-w", "-t", "60", "start")
+		opts := fmt.Sprintf("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300", port, c.dir)
+		for _, s := range settings {
+			opts += " -c " + s
+		}
+		out, err := c.run("pg_ctl", "-D", c.data(), "-o", opts, "-l", filepath.Join(c.dir, "log"), "-w", "-t", "60", "start")
 		if err != nil {
-			log, _ := os.ReadFile(filepath.Join(dir, "log"))
+			log, _ := os.ReadFile(filepath.Join(c.dir, "log"))
 			if strings.Contains(string(log), "Address already in use") {
 				continue // the port was taken since; try another
 			}
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("pgtest: pg_ctl start: %v\n%s\n%s", err, out, log)
+			return fmt.Errorf("pgtest: pg_ctl start: %v\n%s\n%s", err, out, log)
 		}
 		c.Port = port
 		c.DSN = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
-		return c, nil
+		c.settings = settings
+		return nil
 	}
-	os.RemoveAll(dir)
-	return nil, errors.New("pgtest: no free port would do")
+	return errors.New("pgtest: no free port would do")
 }
 
 func (c *Cluster) run(tool string, args ...string) ([]byte, error) {
@@ -186,7 +213,7 @@ func (c *Cluster) run(tool string, args ...string) ([]byte, error) {
 // Stop stops the server at once (pg_ctl stop -m immediate) and deletes its
 // files.
 func (c *Cluster) Stop() {
-	_, _ = c.run("pg_ctl", "-D", filepath.Join(c.dir, "data"), "-m", "immediate", "-w", "stop")
+	_, _ = c.run("pg_ctl", "-D", c.data(), "-m", "immediate", "-w", "stop")
 	os.RemoveAll(c.dir)
 }
 
