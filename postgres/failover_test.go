@@ -66,9 +66,9 @@ func TestStormPrimaryFailover(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := runFailoverStorm(t, tc.sync, tc.lagging)
-			t.Logf("reliability: %s: %d calls over %d keys, %d handler executions; %d successes while the standby was cut off; primary killed at %d answers (down in %v), standby promoted %v after the kill, %d successes after; duplicated keys=%d lost-outcome keys=%d re-run (different-answer) keys=%d keys without a row=%d reissued charge ids=%d",
+			t.Logf("reliability: %s: %d calls over %d keys, %d handler executions; %d successes while the standby was cut off; primary killed at %d answers (down in %v), standby promoted %v after the kill, %d successes after; duplicated keys=%d lost-outcome keys=%d re-run (different-answer) keys=%d keys without a row=%d reissued charge ids=%d; events %s",
 				t.Name(), r.calls, r.keys, r.executions, r.lagOK, r.killedAt, r.kill.Round(time.Millisecond), r.failover.Round(time.Millisecond), r.afterFailover,
-				r.duplicated, r.lost, r.rerun, r.noRow, r.reissued)
+				r.duplicated, r.lost, r.rerun, r.noRow, r.reissued, r.events)
 			require.GreaterOrEqual(t, r.afterFailover, int64(50), "traffic did not resume on the promoted standby")
 			if tc.sync {
 				require.Zero(t, r.duplicated, "duplicated keys")
@@ -89,6 +89,7 @@ type failoverRun struct {
 	duplicated, lost, rerun int
 	noRow, reissued         int
 	faultErr                error
+	events                  string // outcomes the servers reported
 }
 
 func runFailoverStorm(t *testing.T, syncStandby, lagging bool) failoverRun {
@@ -118,6 +119,12 @@ func runFailoverStorm(t *testing.T, syncStandby, lagging bool) failoverRun {
 		primary.Port, standby.Port)
 	var runsMu sync.Mutex
 	runs := map[string]int{}
+	events := map[idempotency.Outcome]int{}
+	observe := idempotency.WithObserver(func(_ context.Context, e idempotency.Event) {
+		runsMu.Lock()
+		events[e.Outcome]++
+		runsMu.Unlock()
+	})
 	clients := make([]testingv1.TestServiceClient, servers)
 	for i := range clients {
 		cfg, err := pgxpool.ParseConfig(dsn)
@@ -145,7 +152,7 @@ func runFailoverStorm(t *testing.T, syncStandby, lagging bool) failoverRun {
 			}
 			return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d", id)}, nil
 		}}
-		lis := testservice.Serve(t, svc, grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store, idempotency.WithLease(5*time.Second))))
+		lis := testservice.Serve(t, svc, grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(store, idempotency.WithLease(5*time.Second), observe)))
 		clients[i] = testservice.Dial(t, lis)
 	}
 
@@ -252,6 +259,8 @@ func runFailoverStorm(t *testing.T, syncStandby, lagging bool) failoverRun {
 	}
 	require.NoError(t, rows.Err())
 	r.calls, r.keys = len(plan), keys
+	r.events = fmt.Sprintf("rolled_back=%d commit_unknown=%d lease_lost=%d store_unavailable=%d",
+		events[idempotency.OutcomeRolledBack], events[idempotency.OutcomeCommitUnknown], events[idempotency.OutcomeLeaseLost], events[idempotency.OutcomeStoreUnavailable])
 	for k := range keys {
 		key := fmt.Sprintf("failover-%03d", k)
 		list := answers[key]
