@@ -110,7 +110,7 @@ func TestFsyncAcksOnAReplicatedValkey(t *testing.T) {
 	mc.AddHook(acked)
 	prefix := "fsync:" + t.Name() + ":"
 	log, buf := bufferLogger()
-	store := NewRedisStore(mc, WithKeyPrefix(prefix), WithFsyncAcks(1, 5*time.Second), WithRedisLogger(log))
+	store := NewRedisStore(mc, WithKeyPrefix(prefix), WithFsyncAcks(1, 2*time.Second), WithRedisLogger(log))
 	if w := store.CheckConfig(ctx); len(w) != 0 {
 		t.Fatalf("CheckConfig on a good setup: %q", w)
 	}

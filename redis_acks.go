@@ -18,6 +18,9 @@ type acks struct {
 
 func (a acks) none() bool { return a.option == "" }
 
+// maxWait is the longest the acknowledgement commands may block a write.
+func (a acks) maxWait() time.Duration { return a.timeout }
+
 // command is the acknowledgement command to pipeline behind a script.
 func (a acks) command() []any {
 	ms := max(a.timeout.Milliseconds(), 1)
@@ -78,7 +81,17 @@ func setAcks(option string, a acks) RedisOption {
 // closes the common gap of a master dying before its replica received the
 // last writes. While the replicas are unreachable every claim waits the
 // whole timeout, replays included. Renewals are not acknowledged: keep the
-// lease longer than a failover takes. Default: no acknowledgements. Panics
+// lease longer than a failover takes.
+//
+// go-redis resends a pipeline by itself after a read timeout or a reset
+// (MaxRetries). A resent claim finds the caller's own record and renews its
+// lease, and a resent outcome write rewrites its TTL, so the WAIT behind
+// either waits for a write of its own connection, which follows the record
+// in the replication stream: a resend never counts as acknowledged a record
+// no replica holds. Give the client a ReadTimeout at least a second longer
+// than timeout ([RedisStore.CheckConfig] warns otherwise): with a shorter
+// one every try times out while the replicas lag, and the call is refused
+// only after MaxRetries+1 read timeouts. Default: no acknowledgements. Panics
 // if replicas is below 1 or timeout is not positive; NewRedisStore panics if
 // [WithFsyncAcks] is given too.
 func WithReplicaAcks(replicas int, timeout time.Duration) RedisOption {

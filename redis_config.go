@@ -32,6 +32,43 @@ func contextTimeoutEnabled(client redis.Scripter) int {
 	return 0
 }
 
+// readTimeout returns a go-redis client's ReadTimeout (0: none) and how many
+// times it retries a failed command or pipeline by itself; ok is false for
+// a client of another type.
+func readTimeout(client redis.Scripter) (timeout time.Duration, retries int, ok bool) {
+	switch c := client.(type) {
+	case interface{ Options() *redis.Options }:
+		o := c.Options()
+		return o.ReadTimeout, o.MaxRetries, true
+	case interface{ Options() *redis.ClusterOptions }:
+		o := c.Options()
+		return o.ReadTimeout, o.MaxRetries, true
+	case interface{ Options() *redis.RingOptions }:
+		o := c.Options()
+		return o.ReadTimeout, o.MaxRetries, true
+	}
+	return 0, 0, false
+}
+
+// ackTimeoutProblem is CheckConfig's warning about a client whose
+// ReadTimeout ends before an acknowledgement wait can: the read then times
+// out while WAIT still waits, go-redis sends the script and its WAIT again
+// on a new connection (MaxRetries times), and a refused claim or outcome
+// takes that many read timeouts and is reported as a store failure instead
+// of not_replicated.
+func (s *RedisStore) ackTimeoutProblem() string {
+	if s.acks.none() {
+		return ""
+	}
+	rt, retries, ok := readTimeout(s.client)
+	wait := s.acks.maxWait()
+	if !ok || rt <= 0 || rt >= wait+time.Second {
+		return ""
+	}
+	return fmt.Sprintf("the go-redis client's ReadTimeout (%v) is not at least a second longer than %s's wait (up to %v): while the replicas lag, the read times out before WAIT answers, go-redis resends the write and its WAIT up to %d more times, and the claim is refused only after all of them, as a store failure (STORE_UNAVAILABLE) rather than STORE_NOT_REPLICATED. Set ReadTimeout above %v, or shorten the acknowledgement timeout",
+		rt, s.acks.option, wait, retries, wait+time.Second)
+}
+
 type configGetter interface {
 	ConfigGet(ctx context.Context, parameter string) *redis.MapStringStringCmd
 	Info(ctx context.Context, section ...string) *redis.StringCmd
@@ -52,6 +89,11 @@ type masterIterator interface {
 //     connected replicas than asked, so that every claim would be refused;
 //   - with WithFsyncAcks, a master without WAITAOF (Redis before 7.2) or
 //     with appendonly no, which refuses every claim;
+//   - with WithReplicaAcks or WithFsyncAcks, a go-redis client whose
+//     ReadTimeout is not at least a second longer than the acknowledgement
+//     wait: while the replicas lag, the client's read times out first and
+//     go-redis resends the write and its WAIT, so a refused call takes
+//     MaxRetries+1 read timeouts;
 //   - a server that refuses CONFIG GET or INFO (as some managed services
 //     do), so the settings could not be checked;
 //   - a go-redis client created without ContextTimeoutEnabled, which waits
@@ -69,6 +111,9 @@ func (s *RedisStore) CheckConfig(ctx context.Context) []string {
 	case -1:
 		// A wrapper of unknown type: the store bounds its calls itself, and
 		// that is all that matters; nothing to tell.
+	}
+	if w := s.ackTimeoutProblem(); w != "" {
+		warnings = append(warnings, w)
 	}
 	problems, err := s.bound(ctx, s.masterProblems)
 	if err != nil {

@@ -139,9 +139,13 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 	}
 	cmd, ackErr := s.runAcked(ctx, claimScript, s.prefix+key, token, value, lease.Milliseconds())
 	reply, err := cmd.Result()
-	if err == nil && ackErr != nil && reply == int64(1) {
-		// Claimed, but a failover could lose the claim: free the key now
-		// (fenced by the token), and let the caller answer Unavailable.
+	if err == nil && ackErr != nil && (reply == int64(1) || ownClaimReply(reply, token)) {
+		// Claimed, or found our own claim (an earlier try of this call, its
+		// reply lost: go-redis retries a pipeline by itself), but a
+		// failover could lose the claim: free the key now (fenced by the
+		// token), and let the caller answer Unavailable. claim.lua renews
+		// an own claim's lease, so the WAIT behind it waited for a write of
+		// this connection's own, which follows the claim in the stream.
 		if rerr := s.fenced(ctx, "release", releaseScript, key, token); rerr != nil && !errors.Is(rerr, ErrLeaseLost) {
 			return ClaimResult{}, fmt.Errorf("%w (and releasing the claim failed: %v)", ackErr, rerr)
 		}
@@ -176,6 +180,18 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 		out.TTL = time.Duration(ms) * time.Millisecond
 	}
 	return out, nil
+}
+
+// ownClaimReply reports whether reply, from claim.lua, is token's own
+// in-progress layout-2 record.
+func ownClaimReply(reply any, token string) bool {
+	res, _ := reply.([]any)
+	if len(res) != 4 {
+		return false
+	}
+	v, _ := res[1].(string)
+	n := 3 + len(token)
+	return len(v) >= n && v[0] == layout2 && v[1] == stateInProgress && int(v[2]) == len(token) && v[3:n] == token
 }
 
 // Renew implements [Store.Renew].
