@@ -383,3 +383,39 @@ func (p *linkProxy) close() {
 		c.Close()
 	}
 }
+
+// TestSyncStandbyDownClaimsWait verifies what a primary with a synchronous
+// standby does while that standby is gone: every claim waits for it, a
+// replay's included (the claim statement locks the row it finds, which
+// makes it a write that waits for the standby like any commit), until the
+// caller's deadline; only reads (Get) answer.
+func TestSyncStandbyDownClaimsWait(t *testing.T) {
+	if os.Getenv("IDEMPOTENCY_LONG") == "" {
+		t.Skip("long test: set IDEMPOTENCY_LONG=1")
+	}
+	primary := pgtest.StartPrimary(t)
+	standby := primary.StartStandby(t, "")
+	primary.SyncStandby(t)
+	pool := primary.Pool(t, nil)
+	ctx := testCtx(t)
+	require.NoError(t, CreateSchema(ctx, pool))
+	store, err := New(ctx, pool)
+	require.NoError(t, err)
+	res, err := store.Claim(ctx, "done", "t1", nil, time.Minute)
+	require.NoError(t, err)
+	require.True(t, res.Claimed)
+	require.NoError(t, store.Complete(ctx, "done", "t1", []byte("outcome"), time.Hour))
+
+	require.NoError(t, standby.Kill())
+	for _, key := range []string{"done", "new"} {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		start := time.Now()
+		res, err := store.Claim(cctx, key, "t2", nil, time.Minute)
+		cancel()
+		require.ErrorIs(t, err, context.DeadlineExceeded, "claim of %q answered %+v without the synchronous standby", key, res)
+		require.GreaterOrEqual(t, time.Since(start), 900*time.Millisecond, "claim of %q failed before its deadline: %v", key, err)
+	}
+	rec, _, err := store.Get(ctx, "done")
+	require.NoError(t, err)
+	require.Equal(t, "outcome", string(rec))
+}
