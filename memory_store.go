@@ -154,6 +154,9 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte,
 	if err := checkExpiry("memory store", "lease", lease); err != nil {
 		return ClaimResult{}, err
 	}
+	if err := checkToken("memory store", token); err != nil {
+		return ClaimResult{}, err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e := s.live(key); e != nil {
@@ -174,6 +177,9 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte,
 // Renew implements [Store.Renew].
 func (s *MemoryStore) Renew(_ context.Context, key, token string, lease time.Duration) error {
 	if err := checkExpiry("memory store", "lease", lease); err != nil {
+		return err
+	}
+	if err := checkToken("memory store", token); err != nil {
 		return err
 	}
 	s.mu.Lock()
@@ -202,6 +208,9 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, record []by
 	if err := checkExpiry("memory store", "ttl", ttl); err != nil {
 		return err
 	}
+	if err := checkToken("memory store", token); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.live(key)
@@ -220,6 +229,9 @@ func (s *MemoryStore) Complete(_ context.Context, key, token string, record []by
 
 // Release implements [Store.Release].
 func (s *MemoryStore) Release(_ context.Context, key, token string) error {
+	if err := checkToken("memory store", token); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.live(key)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -133,6 +134,9 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 	if err := checkExpiry("redis", "lease", lease); err != nil {
 		return ClaimResult{}, err
 	}
+	if err := checkToken("redis", token); err != nil {
+		return ClaimResult{}, err
+	}
 	value, err := layoutValue(stateInProgress, token, record)
 	if err != nil {
 		return ClaimResult{}, err
@@ -199,6 +203,9 @@ func (s *RedisStore) Renew(ctx context.Context, key, token string, lease time.Du
 	if err := checkExpiry("redis", "lease", lease); err != nil {
 		return err
 	}
+	if err := checkToken("redis", token); err != nil {
+		return err
+	}
 	return s.fenced(ctx, "renew", renewScript, key, token, lease.Milliseconds())
 }
 
@@ -211,6 +218,13 @@ func (s *RedisStore) RenewBatch(ctx context.Context, keys, tokens []string, leas
 	if err := checkExpiry("redis", "lease", lease); err != nil {
 		for i := range errs {
 			errs[i] = err
+		}
+		return errs
+	}
+	if slices.Contains(tokens, "") {
+		// A caller's bug: Renew refuses each empty token.
+		for i := range keys {
+			errs[i] = s.Renew(ctx, keys[i], tokens[i], lease)
 		}
 		return errs
 	}
@@ -292,6 +306,9 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, record []b
 	if err := checkExpiry("redis", "ttl", ttl); err != nil {
 		return err
 	}
+	if err := checkToken("redis", token); err != nil {
+		return err
+	}
 	value, err := layoutValue(stateCompleted, token, record)
 	if err != nil {
 		return err
@@ -314,6 +331,9 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, record []b
 
 // Release implements [Store.Release].
 func (s *RedisStore) Release(ctx context.Context, key, token string) error {
+	if err := checkToken("redis", token); err != nil {
+		return err
+	}
 	return s.fenced(ctx, "release", releaseScript, key, token)
 }
 

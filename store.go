@@ -20,7 +20,10 @@ import (
 // the handler, except errors wrapping [ErrCorruptRecord] (the key holds
 // something that is not a record), which become DataLoss. A lease or TTL
 // below one millisecond is refused with an error, writing nothing: a store
-// must never turn it into "expire now".
+// must never turn it into "expire now". An empty owner token is refused
+// the same way by every method (an error that is not ErrLeaseLost, nothing
+// written): the interceptor's tokens are random and never empty, and a
+// store that took one could confuse it with "no owner" and lose an outcome.
 //
 // [RedisStore] and [MemoryStore] implement it.
 type Store interface {
@@ -64,6 +67,14 @@ type Store interface {
 func checkExpiry(store, what string, d time.Duration) error {
 	if d < time.Millisecond {
 		return fmt.Errorf("idempotency: %s: a %s of %v is below 1ms, the least a store keeps; nothing was written", store, what, d)
+	}
+	return nil
+}
+
+// checkToken refuses, for every store, an empty owner token (see [Store]).
+func checkToken(store, token string) error {
+	if token == "" {
+		return fmt.Errorf("idempotency: %s: an empty owner token is refused; nothing was written", store)
 	}
 	return nil
 }

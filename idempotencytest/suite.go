@@ -215,6 +215,42 @@ var rules = []rule{
 		require.Error(r.t, r.h.Store.Complete(r.ctx, k2, "owner", []byte("final"), -time.Minute), "Complete with a negative TTL must be refused")
 		r.held("refused writes leave the claim as it was", k2, []byte("in progress"))
 	}},
+	{"an empty owner token is refused without writing", func(r *run) {
+		// The interceptor never sends one (its tokens are random); a store
+		// that took one might confuse it with "no owner" and lose an
+		// outcome, so every method refuses it, and not as a lost lease.
+		refused := func(what string, err error) {
+			r.t.Helper()
+			require.Error(r.t, err, "empty token: %s must be refused with an error", what)
+			require.False(r.t, errors.Is(err, idempotency.ErrLeaseLost), "empty token: %s refused with ErrLeaseLost, want a plain error (a caller's bug, not a lost lease)", what)
+		}
+		k := r.key(1)
+		_, err := r.h.Store.Claim(r.ctx, k, "", []byte("x"), longLease)
+		refused("Claim", err)
+		refused("Complete of a free key", r.h.Store.Complete(r.ctx, k, "", []byte("final"), time.Hour))
+		refused("Release of a free key", r.h.Store.Release(r.ctx, k, ""))
+		refused("Renew of a free key", r.h.Store.Renew(r.ctx, k, "", longLease))
+		r.free("empty token: refused calls write nothing", k)
+
+		k2 := r.key(2)
+		r.mustClaim("empty token", k2, "owner", []byte("in progress"), longLease)
+		refused("Renew of a held key", r.h.Store.Renew(r.ctx, k2, "", longLease))
+		refused("Complete of a held key", r.h.Store.Complete(r.ctx, k2, "", []byte("forged"), time.Hour))
+		refused("Release of a held key", r.h.Store.Release(r.ctx, k2, ""))
+		r.held("empty token: a held key after refused calls", k2, []byte("in progress"))
+		require.NoError(r.t, r.h.Store.Complete(r.ctx, k2, "owner", []byte("final"), time.Hour), "empty token: Complete by the owner after refused calls")
+		refused("Renew of a completed key", r.h.Store.Renew(r.ctx, k2, "", longLease))
+		refused("Complete of a completed key", r.h.Store.Complete(r.ctx, k2, "", []byte("overwrite"), time.Hour))
+		refused("Release of a completed key", r.h.Store.Release(r.ctx, k2, ""))
+		r.held("empty token: a completed key after refused calls", k2, []byte("final"))
+		if b, ok := r.h.Store.(idempotency.BatchRenewer); ok {
+			errs := b.RenewBatch(r.ctx, []string{k2, k}, []string{"", ""}, longLease)
+			require.Len(r.t, errs, 2, "empty token: RenewBatch of two keys")
+			refused("RenewBatch of a completed key", errs[0])
+			refused("RenewBatch of a held key", errs[1])
+		}
+		r.held("empty token: refused calls write nothing", k, []byte("fresh"))
+	}},
 	{"hostile bytes round-trip exactly", func(r *run) {
 		every := make([]byte, 256)
 		for i := range every {

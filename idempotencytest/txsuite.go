@@ -146,6 +146,19 @@ var txRules = []txRule{
 		_, _, err := admin.Get(r.ctx, k)
 		require.True(r.t, errors.Is(err, idempotency.ErrNoRecord), "forget: the record came back (%v)", err)
 	}},
+	{"ClaimTx refuses an empty owner token without writing", func(r *txRun) {
+		k := r.key(1)
+		res, ex, err := r.tx.Store.ClaimTx(r.ctx, k, "", []byte("x"), longLease)
+		if ex != nil {
+			// Give back what the wrongly claimed execution holds (a
+			// connection), so the store can shut down after the failure.
+			_ = ex.Discard(r.ctx, nil, 0)
+		}
+		require.Error(r.t, err, "empty token: ClaimTx must be refused with an error (got %+v)", res)
+		require.False(r.t, errors.Is(err, idempotency.ErrLeaseLost), "empty token: ClaimTx refused with ErrLeaseLost, want a plain error")
+		require.Nil(r.t, ex, "empty token: ClaimTx returned an Execution with its error")
+		r.free("empty token: a refused ClaimTx writes nothing", k)
+	}},
 	{"one of many concurrent ClaimTx gets the Execution", func(r *txRun) {
 		k := r.key(1)
 		var mu sync.Mutex

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/idempotency-grpc/idempotency"
@@ -78,6 +79,15 @@ func checkExpiry(what string, d time.Duration) error {
 	return nil
 }
 
+// checkToken refuses an empty owner token, as every store does (see
+// [idempotency.Store]).
+func checkToken(token string) error {
+	if token == "" {
+		return errors.New("idempotencypg: an empty owner token is refused; nothing was written")
+	}
+	return nil
+}
+
 // querier is a pool or a connection.
 type querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
@@ -91,6 +101,9 @@ const attempts = 5
 // a transactional claim.
 func (s *Store) claim(ctx context.Context, q querier, key, token string, record []byte, lease time.Duration, keep bool) (res idempotency.ClaimResult, locked bool, err error) {
 	if err := checkExpiry("lease", lease); err != nil {
+		return res, false, err
+	}
+	if err := checkToken(token); err != nil {
 		return res, false, err
 	}
 	if record == nil {
@@ -133,6 +146,9 @@ func (s *Store) Renew(ctx context.Context, key, token string, lease time.Duratio
 	if err := checkExpiry("lease", lease); err != nil {
 		return err
 	}
+	if err := checkToken(token); err != nil {
+		return err
+	}
 	tag, err := s.pool.Exec(ctx, s.sql.renew, key, token, lease.Milliseconds())
 	if err != nil {
 		return fmt.Errorf("idempotencypg: renew: %w", err)
@@ -156,6 +172,13 @@ func (s *Store) RenewBatch(ctx context.Context, keys, tokens []string, lease tim
 	}
 	if err := checkExpiry("lease", lease); err != nil {
 		return fail(err)
+	}
+	if slices.Contains(tokens, "") {
+		// A caller's bug: Renew refuses each empty token.
+		for i := range keys {
+			errs[i] = s.Renew(ctx, keys[i], tokens[i], lease)
+		}
+		return errs
 	}
 	rows, err := s.pool.Query(ctx, s.sql.renewBatch, keys, tokens, lease.Milliseconds())
 	if err != nil {
@@ -186,6 +209,9 @@ func (s *Store) complete(ctx context.Context, q querier, key, token string, reco
 	if err := checkExpiry("ttl", ttl); err != nil {
 		return err
 	}
+	if err := checkToken(token); err != nil {
+		return err
+	}
 	if record == nil {
 		record = []byte{}
 	}
@@ -208,6 +234,9 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 }
 
 func (s *Store) release(ctx context.Context, q querier, key, token string) error {
+	if err := checkToken(token); err != nil {
+		return err
+	}
 	var ok bool
 	if err := q.QueryRow(ctx, s.sql.release, key, token).Scan(&ok); err != nil {
 		return fmt.Errorf("idempotencypg: release: %w", err)
