@@ -141,13 +141,16 @@ func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
 // too-large marker when it exceeds the size limit.
 func (s *server) finalRecord(c *call, r *Result, st *status.Status) ([]byte, *idempotencyv1.Record, Outcome, error) {
 	now := s.o.now()
+	header, hdropped := mdToEntries(r.Header)
+	trailer, tdropped := mdToEntries(r.Trailer)
+	c.ev.DroppedMetadata = droppedKeys(hdropped, tdropped)
 	rec := &idempotencyv1.Record{
 		Version:      recordVersion,
 		State:        idempotencyv1.Record_STATE_COMPLETED,
 		Fingerprint:  c.fp,
 		Method:       c.method,
-		Header:       mdToEntries(r.Header),
-		Trailer:      mdToEntries(r.Trailer),
+		Header:       header,
+		Trailer:      trailer,
 		CompleteTime: timestamppb.New(now),
 	}
 	rec.Status = wireStatus(st)

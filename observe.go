@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"log/slog"
+	"slices"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -102,6 +103,29 @@ type Event struct {
 	// round trip: the local cache ([WithLocalCache]) or a coalesced
 	// duplicate ([WithCoalescing]).
 	Local bool
+	// DroppedMetadata lists, sorted, the header and trailer keys the
+	// handler sent that were not stored with its outcome, so a replay
+	// answers without them: reserved "grpc-" keys (grpc-go passes some on,
+	// such as grpc-retry-pushback-ms, but a record holding one is refused
+	// on replay), the connection-specific HTTP fields (connection,
+	// content-length, keep-alive, proxy-connection, te, trailer,
+	// transfer-encoding, upgrade), which belong to one connection and not
+	// to the call, and keys or values gRPC cannot carry. On a replay it
+	// lists the connection-specific keys a record written by an earlier
+	// version held, left out of the answer. Nil when nothing was left out;
+	// [WithLogger] logs a warning when it is not.
+	DroppedMetadata []string
+}
+
+// droppedKeys returns the keys of a and b, sorted, without repeats; nil
+// when both are empty.
+func droppedKeys(a, b []string) []string {
+	if len(a)+len(b) == 0 {
+		return nil
+	}
+	keys := append(append(make([]string, 0, len(a)+len(b)), a...), b...)
+	slices.Sort(keys)
+	return slices.Compact(keys)
 }
 
 // keyHash is the short hash of a store key used in logs and events.
@@ -125,6 +149,11 @@ func (s *server) emit(ctx context.Context, c *call) {
 	}
 	if s.o.logger == nil {
 		return
+	}
+	if len(e.DroppedMetadata) > 0 {
+		s.o.logger.LogAttrs(ctx, slog.LevelWarn, "idempotency: metadata not stored",
+			slog.String("method", e.Method), slog.String("key_hash", e.KeyHash),
+			slog.String("outcome", string(e.Outcome)), slog.Any("keys", e.DroppedMetadata))
 	}
 	switch e.Outcome {
 	case OutcomeLeaseLost, OutcomeNotStored, OutcomeNotReplicated, OutcomeRolledBack, OutcomeCommitUnknown, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:

@@ -117,12 +117,33 @@ func checkEntry(e *idempotencyv1.MetadataEntry) error {
 	return nil
 }
 
+// connectionSpecific reports whether k names an HTTP header field that
+// belongs to one connection or one message's framing, not to the call:
+// the connection-specific fields of RFC 9110 section 7.6.1 (RFC 9113
+// section 8.2.2 makes them malformed in HTTP/2), proxy-connection,
+// content-length, and trailer, which announces the trailer fields of one
+// message. Each transport writes its own; a stored copy replayed through
+// another transport (a record written through Connect over HTTP/1.1 and
+// replayed through grpc-go over HTTP/2, or the reverse) would describe a
+// connection and a body that are not the replay's.
+func connectionSpecific(k string) bool {
+	switch k {
+	case "connection", "content-length", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade":
+		return true
+	}
+	return false
+}
+
 // mdToEntries converts captured metadata for storage. It keeps only what
 // gRPC can send (see checkEntry), so every stored record passes
-// decodeRecord; gRPC itself would not have sent the rest.
-func mdToEntries(md metadata.MD) []*idempotencyv1.MetadataEntry {
+// decodeRecord, and leaves out the connection-specific HTTP fields (see
+// connectionSpecific); it returns the keys it left out, for the call's
+// [Event.DroppedMetadata]. A reserved "grpc-" key that grpc-go passes on
+// (grpc-retry-pushback-ms, or any other than the ones it writes itself) is
+// left out with them: a record holding one is refused on replay.
+func mdToEntries(md metadata.MD) (entries []*idempotencyv1.MetadataEntry, dropped []string) {
 	if len(md) == 0 {
-		return nil
+		return nil, nil
 	}
 	out := make([]*idempotencyv1.MetadataEntry, 0, len(md))
 	for k, vs := range md {
@@ -130,22 +151,30 @@ func mdToEntries(md metadata.MD) []*idempotencyv1.MetadataEntry {
 		for _, v := range vs {
 			e.Values = append(e.Values, []byte(v))
 		}
-		if checkEntry(e) != nil {
+		if connectionSpecific(k) || checkEntry(e) != nil {
+			dropped = append(dropped, k)
 			continue
 		}
 		out = append(out, e)
 	}
-	return out
+	return out, dropped
 }
 
-func entriesToMD(entries []*idempotencyv1.MetadataEntry) metadata.MD {
-	md := make(metadata.MD, len(entries))
+// entriesToMD converts stored metadata for a replay. It leaves out the
+// connection-specific HTTP fields that earlier versions stored (see
+// connectionSpecific), reporting their keys in dropped.
+func entriesToMD(entries []*idempotencyv1.MetadataEntry) (md metadata.MD, dropped []string) {
+	md = make(metadata.MD, len(entries))
 	for _, e := range entries {
+		if connectionSpecific(e.GetKey()) {
+			dropped = append(dropped, e.GetKey())
+			continue
+		}
 		for _, v := range e.GetValues() {
 			md[e.GetKey()] = append(md[e.GetKey()], string(v))
 		}
 	}
-	return md
+	return md, dropped
 }
 
 // wireStatus returns a status as grpc-go puts it on the wire, which is what

@@ -50,15 +50,17 @@ func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record)
 			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), fmt.Errorf("%w: response: %v", ErrCorruptRecord, err))
 		}
 	}
-	header := entriesToMD(rec.GetHeader())
+	header, hdropped := entriesToMD(rec.GetHeader())
 	header.Append(ReplayedHeader, "true")
 	stored := Stored{Response: resp, Status: okStatus, Header: header}
 	if sp.Code != int32(codes.OK) {
 		stored.Status = status.FromProto(sp)
 	}
+	var tdropped []string
 	if len(rec.GetTrailer()) > 0 {
-		stored.Trailer = entriesToMD(rec.GetTrailer())
+		stored.Trailer, tdropped = entriesToMD(rec.GetTrailer())
 	}
+	c.ev.DroppedMetadata = droppedKeys(hdropped, tdropped)
 	c.ev.Outcome, c.ev.Code = OutcomeReplayed, codes.Code(sp.Code)
 	s.emit(ctx, c)
 	return c.x.Replay(ctx, stored)

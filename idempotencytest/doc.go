@@ -1,8 +1,9 @@
 // Package idempotencytest is the public conformance suite of the
 // [idempotency.Store] contract: the rules the server interceptor's
 // guarantee rests on (claims, fencing by token, idempotent completion, the
-// "key gone" semantics, expiry, hostile bytes, concurrency, and
-// [idempotency.AdminStore] when implemented). Every store of this
+// "key gone" semantics, expiry, the refusal of an empty owner token,
+// hostile bytes, concurrency, and [idempotency.AdminStore] when
+// implemented). Every store of this
 // repository passes it, and a custom store (DynamoDB, Spanner, Postgres, a
 // bank's in-house KV) is a Store only once it does too.
 //
