@@ -69,8 +69,17 @@ func (e *execution) Commit(ctx context.Context, record []byte, ttl time.Duration
 	e.tx.end()
 	if !e.tx.begun() {
 		// The handler sent no statement: nothing to commit with the
-		// outcome, which is written on its own, like Complete.
-		return e.Discard(ctx, record, ttl)
+		// outcome, which is written on its own, like Complete. Should the
+		// session have died meanwhile (an idle timeout, a dropped
+		// connection), nothing was lost with it, so the outcome is written
+		// through another connection, fenced on the token as ever, rather
+		// than refused: refusing would free the key and run the handler,
+		// and its calls to other systems, again.
+		err := e.Discard(ctx, record, ttl)
+		if err != nil && !errors.Is(err, idempotency.ErrLeaseLost) {
+			err = e.s.complete(ctx, e.s.pool, e.key, e.token, record, ttl)
+		}
+		return err
 	}
 	pg := e.conn.Conn().PgConn()
 	switch pg.TxStatus() {

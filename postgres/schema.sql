@@ -11,14 +11,20 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
     -- The owner's token while in progress, the completer's once completed,
     -- the fenced owner's in a fence.
     token      text        NOT NULL,
-    -- The owner holds a session advisory lock on the key: when its
-    -- session ends without an outcome, a new claim takes the key at once.
+    -- The owner holds a session advisory lock on the key (see renewed_at).
     locked     boolean     NOT NULL DEFAULT false,
     -- The encoded record (idempotency.v1.Record); NULL in a fence.
     record     bytea,
     -- The lease's end while in progress, the retention's end once
     -- completed, by the database's clock. A row past it is free.
-    expires_at timestamptz NOT NULL
+    expires_at timestamptz NOT NULL,
+    -- When the owner claimed the key or last renewed its lease (when it was
+    -- completed, once completed). A locked claim is taken over before its
+    -- lease ends only when its owner is known dead: its session's lock is
+    -- free (the session ended) and two thirds of its lease have passed
+    -- since renewed_at (its process stopped renewing, which a live one does
+    -- every third). A live owner whose session alone died keeps its key.
+    renewed_at timestamptz NOT NULL DEFAULT statement_timestamp()
 );
 
 -- The sweeper deletes expired rows oldest first, in bounded batches.

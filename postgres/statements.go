@@ -23,10 +23,10 @@ const (
 // and commit share: it stores the record when the key is free (absent or
 // expired) or held by the token, and names the row written "c".
 const writeOutcome = `WITH c AS (
-  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
-  VALUES ($1, 2, $2, false, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond')
+  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at, renewed_at)
+  VALUES ($1, 2, $2, false, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond', statement_timestamp())
   ON CONFLICT (key) DO UPDATE
-  SET state = 2, token = excluded.token, locked = false, record = excluded.record, expires_at = excluded.expires_at
+  SET state = 2, token = excluded.token, locked = false, record = excluded.record, expires_at = excluded.expires_at, renewed_at = excluded.renewed_at
   WHERE r.expires_at <= statement_timestamp() OR (r.state = 1 AND r.token = excluded.token)
   RETURNING 1
 )
@@ -36,9 +36,14 @@ func newStatements(table string) statements {
 	r := strings.NewReplacer("{table}", table)
 	return statements{
 		// One statement. l takes the key's advisory lock for the length of
-		// the statement, if nobody holds it: an in-progress row whose owner
-		// holds the lock in its session ("locked") is taken over only when
-		// that lock is free, that is, when the owner's session is gone. $6
+		// the statement, if nobody holds it. An in-progress row whose owner
+		// took the lock in its session ("locked") is taken over before its
+		// lease ends only when the owner is known dead: that lock is free
+		// (its session is gone) and it has not renewed its lease for two
+		// thirds of it (its process is gone too: a live one renews every
+		// third). A session can die under a live process (an idle timeout,
+		// a proxy dropping the connection); such an owner keeps renewing,
+		// and keeps its key until it answers. $6
 		// asks for the lock to be kept for the session of a transactional
 		// claim: RETURNING takes it (re-entrant, so it cannot fail while l
 		// holds it) only when the row was written with locked true. A key
@@ -46,13 +51,14 @@ func newStatements(table string) statements {
 		// gives no row; the caller runs the statement again.
 		claim: r.Replace(`WITH l AS (SELECT pg_try_advisory_xact_lock($5::bigint) AS free),
 c AS (
-  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at)
-  SELECT $1, 1, $2, $6::boolean AND l.free, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond' FROM l
+  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at, renewed_at)
+  SELECT $1, 1, $2, $6::boolean AND l.free, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond', statement_timestamp() FROM l
   ON CONFLICT (key) DO UPDATE
-  SET state = 1, token = excluded.token, locked = excluded.locked, record = excluded.record, expires_at = excluded.expires_at
+  SET state = 1, token = excluded.token, locked = excluded.locked, record = excluded.record, expires_at = excluded.expires_at, renewed_at = excluded.renewed_at
   WHERE r.expires_at <= statement_timestamp()
      OR (r.state = 3 AND r.token <> excluded.token)
-     OR (r.state = 1 AND r.locked AND (SELECT free FROM l))
+     OR (r.state = 1 AND r.locked AND (SELECT free FROM l)
+         AND statement_timestamp() >= r.renewed_at + (r.expires_at - r.renewed_at) * 2 / 3)
      OR ($6::boolean AND r.state = 1 AND r.token = excluded.token)
   RETURNING CASE WHEN r.locked THEN pg_try_advisory_lock($5::bigint) ELSE false END AS locked
 )
@@ -62,14 +68,14 @@ SELECT CASE WHEN r.state = 3 AND r.token = $2 THEN 3 ELSE 2 END, false, r.record
        ceil(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000)::bigint
 FROM {table} r WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM c)`),
 
-		renew: r.Replace(`UPDATE {table} SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond'
+		renew: r.Replace(`UPDATE {table} SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond', renewed_at = statement_timestamp()
 WHERE key = $1 AND state = 1 AND token = $2 AND expires_at > statement_timestamp()`),
 
-		// Every (key, token) pair at once; the keys renewed come back.
-		renewBatch: r.Replace(`UPDATE {table} AS r SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond'
+		// Every (key, token) pair at once; the pairs renewed come back.
+		renewBatch: r.Replace(`UPDATE {table} AS r SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond', renewed_at = statement_timestamp()
 FROM unnest($1::text[], $2::text[]) AS u(key, token)
 WHERE r.key = u.key AND r.token = u.token AND r.state = 1 AND r.expires_at > statement_timestamp()
-RETURNING r.key`),
+RETURNING r.key, r.token`),
 
 		// true: written, or already completed by token (idempotent); false:
 		// another owner, a completed record of another token, or token's

@@ -58,8 +58,21 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Store, error
 	if !exists {
 		return nil, fmt.Errorf("idempotencypg: New: table %s does not exist: create it with CreateSchema, or apply Schema() in your migrations", o.table.Sanitize())
 	}
+	var missing []string
+	err = pool.QueryRow(ctx, `SELECT coalesce(array_agg(c ORDER BY c), '{}') FROM unnest($2::text[]) c
+WHERE NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = c AND NOT attisdropped)`,
+		o.table.Sanitize(), columns).Scan(&missing)
+	if err != nil {
+		return nil, fmt.Errorf("idempotencypg: New: cannot read the columns of %s: %w", o.table.Sanitize(), err)
+	}
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("idempotencypg: New: table %s lacks the columns %v: it was not made by this version's Schema(); apply the columns of schema.sql", o.table.Sanitize(), missing)
+	}
 	return s, nil
 }
+
+// columns are the columns of schema.sql the statements use.
+var columns = []string{"key", "state", "token", "locked", "record", "expires_at", "renewed_at"}
 
 // lockID is the advisory lock of key: 64 bits of the SHA-256 of the table
 // and the key. Two keys sharing one (a 2^-64 chance per pair) only lose the
@@ -173,6 +186,9 @@ func (s *Store) RenewBatch(ctx context.Context, keys, tokens []string, lease tim
 	if err := checkExpiry("lease", lease); err != nil {
 		return fail(err)
 	}
+	if len(tokens) != len(keys) {
+		return fail(fmt.Errorf("idempotencypg: renew: %d keys but %d tokens", len(keys), len(tokens)))
+	}
 	if slices.Contains(tokens, "") {
 		// A caller's bug: Renew refuses each empty token.
 		for i := range keys {
@@ -184,16 +200,23 @@ func (s *Store) RenewBatch(ctx context.Context, keys, tokens []string, lease tim
 	if err != nil {
 		return fail(fmt.Errorf("idempotencypg: renew: %w", err))
 	}
-	renewed, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	// By key and token: one key may come twice, under its owner's token and
+	// a stale one (an older call on this server whose lease was taken).
+	type pair struct{ key, token string }
+	renewed, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (pair, error) {
+		var p pair
+		err := row.Scan(&p.key, &p.token)
+		return p, err
+	})
 	if err != nil {
 		return fail(fmt.Errorf("idempotencypg: renew: %w", err))
 	}
-	done := make(map[string]bool, len(renewed))
-	for _, k := range renewed {
-		done[k] = true
+	done := make(map[pair]bool, len(renewed))
+	for _, p := range renewed {
+		done[p] = true
 	}
-	for i, k := range keys {
-		if !done[k] {
+	for i := range keys {
+		if !done[pair{keys[i], tokens[i]}] {
 			errs[i] = idempotency.ErrLeaseLost
 		}
 	}

@@ -85,3 +85,24 @@ func TestRenewBatch(t *testing.T) {
 	require.NoError(t, err)
 	require.LessOrEqual(t, ttl, time.Minute, "a lease renewed by another token")
 }
+
+// One key twice in a batch, under its owner's token and a stale one (two
+// calls on one server, the older one's lease taken over): only the owner's
+// renewal succeeds.
+func TestRenewBatchMatchesKeyAndToken(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := testCtx(t)
+	k := fmt.Sprintf("%064x", 7)
+	_, err := s.Claim(ctx, k, "owner", []byte("in progress"), time.Minute)
+	require.NoError(t, err)
+	for _, order := range [][]string{{"owner", "stale"}, {"stale", "owner"}} {
+		errs := s.RenewBatch(ctx, []string{k, k}, order, time.Hour)
+		for i, tok := range order {
+			if tok == "owner" {
+				require.NoError(t, errs[i], "%v", order)
+			} else {
+				require.ErrorIs(t, errs[i], idempotency.ErrLeaseLost, "the stale token's renewal, %v", order)
+			}
+		}
+	}
+}

@@ -95,15 +95,28 @@ func (t *handlerTx) send(ctx context.Context, queue func(b *pgx.Batch)) pgx.Batc
 	}
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
+	b.Queue(exemptIdle)
 	queue(b)
 	br := t.conn.SendBatch(ctx, b)
 	t.tx = br.Tx()
-	if _, err := br.Exec(); err != nil {
-		_ = br.Close()
-		return errBatch{err}
+	for range 2 { // BEGIN and exemptIdle
+		if _, err := br.Exec(); err != nil {
+			_ = br.Close()
+			return errBatch{err}
+		}
 	}
 	return br
 }
+
+// exemptIdle exempts the call's transaction from the server's
+// idle_in_transaction_session_timeout. The transaction is idle by design
+// whenever the handler works outside the database (a payment provider's
+// call between its INSERT and its return); a server that ended the session
+// then would roll the handler's writes back under a live call, which could
+// only answer OUTCOME_NOT_COMMITTED and have the retry run the handler
+// again. SET LOCAL ends with the transaction, so the pooled connection
+// keeps the server's setting.
+const exemptIdle = "SET LOCAL idle_in_transaction_session_timeout = 0"
 
 // begin sends BEGIN on its own, for the calls that cannot ride in a batch.
 func (t *handlerTx) begin(ctx context.Context) error {
@@ -113,7 +126,7 @@ func (t *handlerTx) begin(ctx context.Context) error {
 	if t.tx != nil {
 		return nil
 	}
-	tx, err := t.conn.Begin(ctx)
+	tx, err := t.conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: "BEGIN; " + exemptIdle}) // one round trip: simple protocol
 	if err != nil {
 		return err
 	}

@@ -216,43 +216,63 @@ func TestTxClientCancelDoesNotAbortTheCommit(t *testing.T) {
 	require.EqualValues(t, 1, b.svc.Runs.Load())
 }
 
-// A claim whose owner's session is gone is taken over at once; a live
-// owner's is not, however often it is tried.
-func TestTxDeadOwnerIsTakenOverAtOnce(t *testing.T) {
+// A claim whose owner's session is gone is taken over once the owner has
+// also stopped renewing its lease: two thirds of the lease after its last
+// renewal, not at the lease's end. While the owner renews, its key stays
+// its own, session or not. The lease's clock is moved by hand (the row's
+// renewed_at and expires_at, together), so the test takes no time.
+func TestTxDeadOwnerIsTakenOverOnceItStopsRenewing(t *testing.T) {
 	s, pool := testStore(t)
 	ctx := testCtx(t)
 	key := fmt.Sprintf("%064x", 42)
 	res, ex, err := s.ClaimTx(ctx, key, "owner", []byte("in progress"), time.Hour)
 	require.NoError(t, err)
 	require.True(t, res.Claimed)
-	for range 3 {
+	refused := func(why string) {
+		t.Helper()
 		res, other, err := s.ClaimTx(ctx, key, "intruder", []byte("x"), time.Hour)
 		require.NoError(t, err)
-		require.False(t, res.Claimed, "a live owner was overtaken")
+		require.False(t, res.Claimed, "the owner was overtaken: %s", why)
 		require.Nil(t, other)
 	}
-	_, err = s.Claim(ctx, key, "intruder", []byte("x"), time.Hour)
-	require.NoError(t, err)
-
-	pid := ex.(*execution).conn.Conn().PgConn().PID()
-	var ok bool
-	require.NoError(t, pool.QueryRow(ctx, `SELECT pg_terminate_backend($1)`, pid).Scan(&ok))
-	require.True(t, ok)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		res, ex2, err := s.ClaimTx(ctx, key, "successor", []byte("in progress"), time.Hour)
+	age := func(d time.Duration) {
+		t.Helper()
+		_, err := pool.Exec(ctx, `UPDATE `+s.table.Sanitize()+` SET renewed_at = renewed_at - $2::bigint * interval '1 millisecond',
+			expires_at = expires_at - $2::bigint * interval '1 millisecond' WHERE key = $1`, key, d.Milliseconds())
 		require.NoError(t, err)
-		if res.Claimed {
-			require.NoError(t, ex2.Discard(ctx, nil, 0))
-			break
-		}
-		require.True(t, time.Now().Before(deadline), "the dead owner's claim was not taken over")
-		time.Sleep(10 * time.Millisecond)
 	}
+	for range 3 {
+		refused("its session is alive")
+	}
+	age(50 * time.Minute)
+	refused("its session is alive, though it stopped renewing")
+	age(-50 * time.Minute)
+
+	sessionDied(t, pool, ex.(*execution).conn.Conn().PgConn().PID())
+	refused("it renewed just now")
+	age(39 * time.Minute)
+	refused("it renewed 39 minutes ago, within two thirds of its 1h lease")
+	require.NoError(t, s.Renew(ctx, key, "owner", time.Hour), "the live owner's renewal")
+	age(39 * time.Minute)
+	refused("it renewed 39 minutes ago again")
+	age(2 * time.Minute)
+	res, ex2, err := s.ClaimTx(ctx, key, "successor", []byte("in progress"), time.Hour)
+	require.NoError(t, err)
+	require.True(t, res.Claimed, "a dead owner that stopped renewing 41 minutes ago, 19 minutes before its lease ends")
+	require.NoError(t, ex2.Discard(ctx, nil, 0))
 	// The dead owner can no longer write its outcome.
 	require.Error(t, ex.Commit(ctx, []byte("late"), time.Hour))
 	_, _, err = s.Get(ctx, key)
 	require.ErrorIs(t, err, idempotency.ErrNoRecord)
+}
+
+// sessionDied terminates the backend pid and waits until it is gone.
+func sessionDied(t *testing.T, pool *pgxpool.Pool, pid uint32) {
+	t.Helper()
+	var ok bool
+	require.NoError(t, pool.QueryRow(testCtx(t), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok))
+	require.True(t, ok)
+	sessionGone(t, pool, pid)
 }
 
 // Concurrent first calls with one key: exactly one business row.

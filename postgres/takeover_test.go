@@ -1,0 +1,278 @@
+package idempotencypg
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/idempotency-grpc/idempotency"
+	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
+	"github.com/idempotency-grpc/idempotency/postgres/pgtest"
+	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+// twoServers is servers A and B, each with a pool and a store of its own on
+// one table, serving one Charge handler: it inserts a business row in the
+// call's transaction (unless noWrite), counts an "external call" (a
+// payment provider's), and runs during as that call's duration.
+type twoServers struct {
+	a, b    testingv1.TestServiceClient
+	storeA  *Store
+	pool    *pgxpool.Pool // the test's own
+	charges string
+	svc     testservice.Service
+	noWrite bool
+	// during runs in the handler after its insert and the external call
+	// began, with the PID of the call's database session.
+	during func(ctx context.Context, n int64, pid uint32)
+	// external counts the external calls; running and overlap count the
+	// handlers running at once, and the most there ever were.
+	external, running, overlap atomic.Int64
+}
+
+// newTwoServers starts the pair; configA tweaks A's pool (may be nil).
+func newTwoServers(t *testing.T, configA func(*pgxpool.Config), opts ...idempotency.Option) *twoServers {
+	t.Helper()
+	first, pool := testStore(t)
+	ts := &twoServers{pool: pool, charges: fmt.Sprintf("charges_%d", tables.Add(1))}
+	_, err := pool.Exec(testCtx(t), `CREATE TABLE `+ts.charges+` (id bigserial PRIMARY KEY, amount bigint NOT NULL)`)
+	require.NoError(t, err)
+	ts.svc.OnCharge = func(ctx context.Context, req *testingv1.ChargeRequest, n int64) (*testingv1.ChargeResponse, error) {
+		if now := ts.running.Add(1); now > ts.overlap.Load() {
+			ts.overlap.Store(now)
+		}
+		defer ts.running.Add(-1)
+		tx := Tx(ctx)
+		id := int64(0)
+		if !ts.noWrite {
+			if err := tx.QueryRow(ctx, `INSERT INTO `+ts.charges+` (amount) VALUES ($1) RETURNING id`, req.GetAmount()).Scan(&id); err != nil {
+				return nil, status.Errorf(codes.Internal, "insert: %v", err)
+			}
+		}
+		ts.external.Add(1)
+		if ts.during != nil {
+			ts.during(ctx, n, tx.Conn().PgConn().PID())
+		}
+		return &testingv1.ChargeResponse{ChargeId: fmt.Sprintf("ch_%d_%d", n, id)}, nil
+	}
+	table := strings.Join(first.table, ".")
+	serve := func(config func(*pgxpool.Config)) (*Store, testingv1.TestServiceClient) {
+		p := pgtestPoolWith(t, config)
+		s, err := New(testCtx(t), p, WithTable(table))
+		require.NoError(t, err)
+		lis := testservice.Serve(t, &ts.svc, grpc.ChainUnaryInterceptor(idempotency.UnaryServerInterceptor(s, opts...)))
+		return s, testservice.Dial(t, lis)
+	}
+	ts.storeA, ts.a = serve(configA)
+	_, ts.b = serve(nil)
+	return ts
+}
+
+func pgtestPoolWith(t *testing.T, config func(*pgxpool.Config)) *pgxpool.Pool {
+	return pgtest.Shared(t).Pool(t, func(c *pgxpool.Config) {
+		c.MaxConns = 24
+		if config != nil {
+			config(c)
+		}
+	})
+}
+
+// gate is a channel a handler waits on, closed by unblock or, at the
+// latest, when the test ends (before its servers stop).
+func gate(t *testing.T) (<-chan struct{}, func()) {
+	c := make(chan struct{})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(c) }) }
+	t.Cleanup(unblock)
+	return c, unblock
+}
+
+func (ts *twoServers) charge(ctx context.Context, c testingv1.TestServiceClient, key string) (*testingv1.ChargeResponse, metadata.MD, error) {
+	var header metadata.MD
+	resp, err := c.Charge(metadata.AppendToOutgoingContext(ctx, "idempotency-key", key), &testingv1.ChargeRequest{Amount: 10}, grpc.Header(&header))
+	return resp, header, err
+}
+
+func (ts *twoServers) rows(t *testing.T) int {
+	t.Helper()
+	var n int
+	require.NoError(t, ts.pool.QueryRow(testCtx(t), `SELECT count(*) FROM `+ts.charges).Scan(&n))
+	return n
+}
+
+// sessionGone waits until the backend pid has exited.
+func sessionGone(t *testing.T, pool *pgxpool.Pool, pid uint32) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var alive bool
+		require.NoError(t, pool.QueryRow(testCtx(t), `SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)`, int64(pid)).Scan(&alive))
+		if !alive {
+			return
+		}
+		require.True(t, time.Now().Before(deadline), "session %d never ended", pid)
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Issue 27 item 4, as reported: a server whose idle_in_transaction_session_timeout
+// (300ms) is shorter than the handler's external call (1.5s, after its
+// insert). A duplicate on server B 0.6s into A's 30s lease must not run
+// the handler, and A's outcome must commit: one external call, one row,
+// and the retry replays.
+func TestTxIdleInTransactionTimeoutNeitherDuplicatesNorLosesTheCall(t *testing.T) {
+	ts := newTwoServers(t, func(c *pgxpool.Config) {
+		c.ConnConfig.RuntimeParams["idle_in_transaction_session_timeout"] = "300"
+	})
+	inserted := make(chan struct{})
+	ts.during = func(_ context.Context, n int64, _ uint32) {
+		if n == 1 {
+			close(inserted)
+			time.Sleep(1500 * time.Millisecond) // the external call
+		}
+	}
+	ctx := testCtx(t)
+	type result struct {
+		resp *testingv1.ChargeResponse
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, _, err := ts.charge(ctx, ts.a, "idle-tx")
+		done <- result{resp, err}
+	}()
+	<-inserted
+	time.Sleep(600 * time.Millisecond) // twice the idle timeout
+	_, _, err := ts.charge(ctx, ts.b, "idle-tx")
+	if err != nil {
+		require.Equal(t, codes.Aborted, status.Code(err), "the duplicate on B: %v", err)
+		require.Equal(t, idempotency.ReasonInProgress, idempotency.ReasonOf(err))
+	}
+	first := <-done
+	require.NoError(t, first.err, "A's call: its transaction must survive the idle timeout")
+	again, h, err := ts.charge(ctx, ts.b, "idle-tx")
+	require.NoError(t, err)
+	require.Equal(t, []string{"true"}, h.Get(idempotency.ReplayedHeader))
+	require.Equal(t, first.resp.GetChargeId(), again.GetChargeId())
+	require.EqualValues(t, 1, ts.external.Load(), "external calls")
+	require.Equal(t, 1, ts.rows(t), "business rows")
+}
+
+// A live owner whose database session died mid-call (here terminated, as a
+// proxy or firewall dropping an idle connection would) keeps its key while
+// it renews its lease: duplicates on another server are refused until it
+// answers. Its transaction was rolled back with the session, so it answers
+// OUTCOME_NOT_COMMITTED and frees the key; the retry then runs once. Never
+// two handlers at once, one business row in all.
+func TestTxLiveOwnerWhoseSessionDiedKeepsItsKey(t *testing.T) {
+	ts := newTwoServers(t, nil)
+	release, unblock := gate(t)
+	killed := make(chan struct{})
+	ts.during = func(_ context.Context, n int64, pid uint32) {
+		if n == 1 {
+			var ok bool
+			if err := ts.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok); err != nil || !ok {
+				t.Errorf("terminate %d: %v %v", pid, ok, err)
+			}
+			sessionGone(t, ts.pool, pid)
+			close(killed)
+			<-release
+		}
+	}
+	ctx := testCtx(t)
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := ts.charge(ctx, ts.a, "dropped")
+		done <- err
+	}()
+	<-killed
+	for i := range 5 {
+		_, _, err := ts.charge(ctx, ts.b, "dropped")
+		require.Equal(t, codes.Aborted, status.Code(err), "duplicate %d on B, while A runs with its session gone: %v", i, err)
+	}
+	unblock()
+	err := <-done
+	require.Equal(t, codes.Unavailable, status.Code(err), "%v", err)
+	require.Equal(t, idempotency.ReasonNotCommitted, idempotency.ReasonOf(err))
+	require.Equal(t, 0, ts.rows(t), "A's row outlived its session")
+	_, _, err = ts.charge(ctx, ts.b, "dropped")
+	require.NoError(t, err, "the retry")
+	require.Equal(t, 1, ts.rows(t), "business rows")
+	require.EqualValues(t, 2, ts.svc.Runs.Load(), "A's run, whose transaction died, and the retry's")
+	require.EqualValues(t, 1, ts.overlap.Load(), "handlers running at once")
+}
+
+// A handler that writes nothing through Tx(ctx) has nothing to roll back:
+// when its session dies while it runs, its outcome is still stored (through
+// another connection, fenced on its token) and replayed, never run again.
+func TestTxSessionDeathWithoutWritesStillStoresTheOutcome(t *testing.T) {
+	ts := newTwoServers(t, nil)
+	ts.noWrite = true
+	ts.during = func(_ context.Context, n int64, pid uint32) {
+		var ok bool
+		if err := ts.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok); err != nil || !ok {
+			t.Errorf("terminate %d: %v %v", pid, ok, err)
+		}
+		sessionGone(t, ts.pool, pid)
+	}
+	ctx := testCtx(t)
+	first, _, err := ts.charge(ctx, ts.a, "no-writes")
+	require.NoError(t, err)
+	again, h, err := ts.charge(ctx, ts.b, "no-writes")
+	require.NoError(t, err)
+	require.Equal(t, []string{"true"}, h.Get(idempotency.ReplayedHeader))
+	require.Equal(t, first.GetChargeId(), again.GetChargeId())
+	require.EqualValues(t, 1, ts.external.Load(), "external calls")
+}
+
+// The same as TestTxLiveOwnerWhoseSessionDiedKeepsItsKey in real time
+// across renewals: a 3s lease renewed every second by A, whose session is
+// gone, while B tries the key every 50ms for 4.5s (past one and a half
+// leases). B must never run it.
+func TestTxLiveOwnerWhoseSessionDiedKeepsItsKeyAcrossRenewals(t *testing.T) {
+	if os.Getenv("IDEMPOTENCY_LONG") == "" {
+		t.Skip("long test: set IDEMPOTENCY_LONG=1")
+	}
+	ts := newTwoServers(t, nil, idempotency.WithLease(3*time.Second))
+	release, unblock := gate(t)
+	killed := make(chan struct{})
+	ts.during = func(_ context.Context, n int64, pid uint32) {
+		if n == 1 {
+			var ok bool
+			if err := ts.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok); err != nil || !ok {
+				t.Errorf("terminate %d: %v %v", pid, ok, err)
+			}
+			sessionGone(t, ts.pool, pid)
+			close(killed)
+			<-release
+		}
+	}
+	ctx := testCtx(t)
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := ts.charge(ctx, ts.a, "renewing")
+		done <- err
+	}()
+	<-killed
+	tries := 0
+	for end := time.Now().Add(4500 * time.Millisecond); time.Now().Before(end); tries++ {
+		_, _, err := ts.charge(ctx, ts.b, "renewing")
+		require.Equal(t, codes.Aborted, status.Code(err), "duplicate %d on B: %v", tries, err)
+		time.Sleep(50 * time.Millisecond)
+	}
+	unblock()
+	require.Equal(t, codes.Unavailable, status.Code(<-done))
+	require.EqualValues(t, 1, ts.svc.Runs.Load(), "runs while A held the key")
+	t.Logf("%d duplicates on B refused over 4.5s while A renewed a 3s lease with its session gone", tries)
+}
