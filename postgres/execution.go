@@ -19,8 +19,16 @@ import (
 // claim that finds the key in progress while the lock is free knows the
 // owner's session is gone, and takes the key at once.
 func (s *Store) ClaimTx(ctx context.Context, key, token string, record []byte, lease time.Duration) (idempotency.ClaimResult, idempotency.Execution, error) {
+	// A slot first: the calls in flight never hold the pool's last
+	// connection, which their lease renewals need.
+	select {
+	case s.slots <- struct{}{}:
+	case <-ctx.Done():
+		return idempotency.ClaimResult{}, nil, fmt.Errorf("idempotencypg: claim: waiting for a connection: %w", ctx.Err())
+	}
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
+		<-s.slots
 		return idempotency.ClaimResult{}, nil, fmt.Errorf("idempotencypg: claim: %w", err)
 	}
 	res, locked, err := s.claim(ctx, conn, key, token, record, lease, true)
@@ -28,6 +36,7 @@ func (s *Store) ClaimTx(ctx context.Context, key, token string, record []byte, l
 		// A connection that failed is closed by the pool, and its session
 		// (with any lock the claim took) ends with it.
 		conn.Release()
+		<-s.slots
 		return res, nil, err
 	}
 	return res, &execution{s: s, conn: conn, key: key, token: token, lockID: s.lockID(key), locked: locked}, nil
@@ -259,6 +268,7 @@ func (e *execution) done() {
 	}
 	e.conn.Release()
 	e.conn = nil
+	<-e.s.slots
 }
 
 // destroy closes the connection: the server ends its session, rolling back
@@ -269,6 +279,7 @@ func (e *execution) destroy() {
 	}
 	c := e.conn.Hijack()
 	e.conn = nil
+	<-e.s.slots
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
 	_ = c.Close(ctx)

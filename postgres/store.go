@@ -27,12 +27,18 @@ import (
 // dies, the next retry takes the key at once rather than after the lease.
 //
 // The pool needs a connection per call in flight (the handler's
-// transaction holds one for the whole call) plus a few for lease renewals:
-// size it (pool_max_conns) above the server's concurrency.
+// transaction holds one for the whole call) plus one for lease renewals:
+// size it (pool_max_conns) above the server's concurrency. The store never
+// lets its calls hold the pool's last connection: a call beyond
+// pool_max_conns - 1 waits for one to end, so the leases of the calls in
+// flight are always renewed.
 type Store struct {
 	pool  *pgxpool.Pool
 	table pgx.Identifier
 	sql   statements
+	// slots bounds the executions holding a connection at once to one
+	// fewer than the pool's connections: the last one is for renewals.
+	slots chan struct{}
 	// testHook, when set, runs at named points of an execution (tests).
 	testHook func(point string, conn *pgx.Conn)
 }
@@ -45,7 +51,11 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Store, error
 		return nil, errors.New("idempotencypg: New: a *pgxpool.Pool is required")
 	}
 	o := evaluate(opts)
-	s := &Store{pool: pool, table: o.table, sql: newStatements(o.table.Sanitize())}
+	maxConns := int(pool.Config().MaxConns)
+	if maxConns < 2 {
+		return nil, fmt.Errorf("idempotencypg: New: a pool of %d connection(s) is too small: each call in flight holds one, and lease renewals need one more (set pool_max_conns to 2 or more)", maxConns)
+	}
+	s := &Store{pool: pool, table: o.table, sql: newStatements(o.table.Sanitize()), slots: make(chan struct{}, maxConns-1)}
 	var version int
 	var exists bool
 	err := pool.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, to_regclass($1) IS NOT NULL`, o.table.Sanitize()).Scan(&version, &exists)

@@ -10,6 +10,8 @@ import (
 
 	"github.com/idempotency-grpc/idempotency"
 	"github.com/idempotency-grpc/idempotency/idempotencytest"
+	"github.com/idempotency-grpc/idempotency/postgres/pgtest"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 )
 
@@ -33,6 +35,16 @@ func TestNewSaysWhatIsMissing(t *testing.T) {
 		require.Panics(t, func() { WithTable(bad) }, bad)
 	}
 	require.NotPanics(t, func() { WithTable("billing.Idempotency_Records") })
+
+	old := fmt.Sprintf("old_records_%d", tables.Add(1))
+	_, err = pool.Exec(ctx, `CREATE TABLE `+old+` (key text PRIMARY KEY, state smallint, token text, locked boolean, record bytea, expires_at timestamptz)`)
+	require.NoError(t, err)
+	_, err = New(ctx, pool, WithTable(old))
+	require.ErrorContains(t, err, `table "`+old+`" lacks the columns [renewed_at]`)
+
+	one := pgtest.Shared(t).Pool(t, func(c *pgxpool.Config) { c.MaxConns = 1 })
+	_, err = New(ctx, one)
+	require.ErrorContains(t, err, "a pool of 1 connection(s) is too small")
 }
 
 // TestTxConformance runs the public TxStore contract: a business table of

@@ -276,3 +276,47 @@ func TestTxLiveOwnerWhoseSessionDiedKeepsItsKeyAcrossRenewals(t *testing.T) {
 	require.EqualValues(t, 1, ts.svc.Runs.Load(), "runs while A held the key")
 	t.Logf("%d duplicates on B refused over 4.5s while A renewed a 3s lease with its session gone", tries)
 }
+
+// Calls in flight that hold every connection of the pool must not starve
+// their own lease renewals (which need a connection too): a pool of 2, two
+// slow calls on server A with a 600ms lease, and duplicates on B for 1.5s,
+// two and a half leases, of the one whose handler runs. None may run; both
+// of A's calls answer.
+func TestTxFullPoolDoesNotStarveTheRenewals(t *testing.T) {
+	ts := newTwoServers(t, func(c *pgxpool.Config) { c.MaxConns = 2 }, idempotency.WithLease(600*time.Millisecond))
+	release, unblock := gate(t)
+	started := make(chan string, 3)
+	var first sync.Map
+	ts.during = func(ctx context.Context, _ int64, _ uint32) {
+		key, _ := idempotency.KeyFromContext(ctx)
+		if _, again := first.LoadOrStore(key, true); !again {
+			started <- key
+			<-release
+		}
+	}
+	ctx := testCtx(t)
+	done := make(chan error, 2)
+	for _, key := range []string{"full-1", "full-2"} {
+		go func() {
+			_, _, err := ts.charge(ctx, ts.a, key)
+			done <- err
+		}()
+	}
+	key := <-started
+	tries := 0
+	for end := time.Now().Add(1500 * time.Millisecond); time.Now().Before(end); tries++ {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, _, err := ts.charge(cctx, ts.b, key)
+		cancel()
+		if status.Code(err) != codes.Aborted {
+			unblock()
+			t.Fatalf("duplicate %d of %s on B, while A runs it: %v", tries, key, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	unblock()
+	require.NoError(t, <-done)
+	require.NoError(t, <-done)
+	require.EqualValues(t, 2, ts.svc.Runs.Load())
+	require.Equal(t, 2, ts.rows(t))
+}
