@@ -19,19 +19,39 @@ type acks struct {
 func (a acks) none() bool { return a.option == "" }
 
 // maxWait is the longest the acknowledgement commands may block a write.
-func (a acks) maxWait() time.Duration { return a.timeout }
-
-// command is the acknowledgement command to pipeline behind a script.
-func (a acks) command() []any {
-	ms := max(a.timeout.Milliseconds(), 1)
-	if a.fsync {
-		return []any{"WAITAOF", 1, a.replicas, ms}
+func (a acks) maxWait() time.Duration {
+	if a.fsync && a.replicas > 0 {
+		return 2 * a.timeout // WAIT, then WAITAOF
 	}
-	return []any{"WAIT", a.replicas, ms}
+	return a.timeout
 }
 
-// check reads the reply of command: nil when enough acknowledged, else an
-// error wrapping ErrNotReplicated.
+// commands are the acknowledgement commands to pipeline behind a script;
+// the reply of the last one decides.
+//
+// For WAITAOF with replicas, a WAIT goes first. The master asks its
+// replicas for their offsets (REPLCONF GETACK) when a WAIT or WAITAOF
+// blocks, and sends that request in the same write as the script's
+// replicated effects; a replica answers it as soon as it reads it, before
+// the fsync that follows the write, and then acknowledges again only with
+// its once-a-second REPLCONF ACK. So a WAITAOF right behind the write waited
+// about a second on Valkey 8.0.1 whatever the replica's appendfsync. The
+// WAIT returns once the replica has received the write; the WAITAOF's own
+// request then reaches a replica that, with appendfsync always, has fsynced
+// it (measured: p50 about 1 ms instead of 1 s; docs/PERFORMANCE.md).
+func (a acks) commands() [][]any {
+	ms := max(a.timeout.Milliseconds(), 1)
+	switch {
+	case !a.fsync:
+		return [][]any{{"WAIT", a.replicas, ms}}
+	case a.replicas == 0:
+		return [][]any{{"WAITAOF", 1, 0, ms}}
+	}
+	return [][]any{{"WAIT", a.replicas, ms}, {"WAITAOF", 1, a.replicas, ms}}
+}
+
+// check reads the reply of the last of commands: nil when enough
+// acknowledged, else an error wrapping ErrNotReplicated.
 func (a acks) check(reply *redis.Cmd) error {
 	if a.fsync {
 		n, err := reply.Int64Slice()
@@ -108,19 +128,26 @@ func WithReplicaAcks(replicas int, timeout time.Duration) RedisOption {
 // outcome write the store waits, for at most timeout, until the master has
 // written it to its append-only file and fsynced it, and at least replicas
 // replicas (0 for none) have done the same: Redis's WAITAOF, pipelined the
-// same way. It protects against a restart of the master as well as a
-// failover, with appendfsync everysec, which alone may lose the last second
-// of writes. What happens when too few acknowledge is as for
-// WithReplicaAcks.
+// same way (behind a WAIT when replicas >= 1, so that the replicas are asked
+// for their fsync after they received the write). It protects against a
+// restart of the master as well as a failover, even with appendfsync
+// everysec on the master, which alone may lose the last second of writes.
+// What happens when too few acknowledge is as for WithReplicaAcks; with
+// replicas >= 1 a write may wait up to twice timeout (the WAIT, then the
+// WAITAOF) before it is refused.
 //
-// Measure it before you rely on it: on Valkey 8.0.1 (BenchmarkReplicaAcks,
-// docs/PERFORMANCE.md) every acknowledged write waited about one second
-// with replicas >= 1 (the replica's fsync acknowledgement appears to arrive
-// only with its once-a-second REPLCONF ACK), and about a millisecond with
-// replicas 0.
+// With replicas >= 1, run the replicas with appendfsync always. A replica
+// with appendfsync everysec fsyncs up to a second after each write, and
+// every claim and outcome write waits for that fsync: on Valkey 8.0.1 about
+// one second per write with everysec against about a millisecond with
+// always (BenchmarkFsyncAcks, docs/PERFORMANCE.md). The master's own
+// appendfsync costs nothing here (it fsyncs at once for a waiting WAITAOF).
+// A master cannot see its replicas' settings, so [RedisStore.CheckConfig]
+// cannot check this one: set it on every replica, and on every server a
+// failover can turn into one.
 //
 // It needs Redis 7.2 or later (or Valkey) with appendonly yes on every
-// master. An older server, or appendonly no, refuses WAITAOF, so every claim
+// master and on the replicas it counts. An older server, or appendonly no, refuses WAITAOF, so every claim
 // is released and refused (Unavailable, STORE_NOT_REPLICATED): nothing runs
 // unprotected. NewRedisStore checks the servers at once, in the background,
 // and logs what is wrong (see [WithRedisLogger]); call
@@ -146,7 +173,7 @@ type masterForKey interface {
 }
 
 // runAcked runs script on key and, with WithReplicaAcks or WithFsyncAcks,
-// pipelines the acknowledgement command behind it on the same connection
+// pipelines the acknowledgement commands behind it on the same connection
 // (the key's master on Cluster). ackErr wraps ErrNotReplicated when too few
 // acknowledged.
 func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key string, args ...any) (cmd *redis.Cmd, ackErr error) {
@@ -178,7 +205,10 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 		} else {
 			c = script.EvalSha(ctx, p, []string{key}, args...)
 		}
-		w := p.Do(ctx, s.acks.command()...)
+		var w *redis.Cmd
+		for _, args := range s.acks.commands() {
+			w = p.Do(ctx, args...)
+		}
 		_, _ = p.Exec(ctx)
 		return c, w
 	}
