@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -116,5 +117,72 @@ func TestRenewBatchMatchesKeyAndToken(t *testing.T) {
 				require.ErrorIs(t, errs[i], idempotency.ErrLeaseLost, "the stale token's renewal, %v", order)
 			}
 		}
+	}
+}
+
+// A renewal never brings a finished claim back: renewals race each commit,
+// stored outcome and release (of executions and of the plain Store calls),
+// and once the call finished, the record is its outcome with the outcome's
+// TTL, or nothing, and every later renewal is refused.
+func TestRenewalNeverResurrectsAFinishedClaim(t *testing.T) {
+	s, _ := testStore(t)
+	ctx := testCtx(t)
+	const lease = 200 * time.Millisecond
+	finishes := []string{"commit", "discard with outcome", "discard", "complete", "release"}
+	for i := range 60 {
+		how := finishes[i%len(finishes)]
+		key, token := fmt.Sprintf("%064x", 1000+i), fmt.Sprintf("tok-%d", i)
+		var ex idempotency.Execution
+		if i%len(finishes) < 3 {
+			res, e, err := s.ClaimTx(ctx, key, token, []byte("in progress"), lease)
+			require.NoError(t, err)
+			require.True(t, res.Claimed)
+			ex = e
+		} else {
+			res, err := s.Claim(ctx, key, token, []byte("in progress"), lease)
+			require.NoError(t, err)
+			require.True(t, res.Claimed)
+		}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				_ = s.RenewBatch(ctx, []string{key}, []string{token}, lease)
+				_ = s.Renew(ctx, key, token, lease)
+			}
+		})
+		switch how {
+		case "commit":
+			hctx, err := ex.Begin(ctx)
+			require.NoError(t, err)
+			_, err = Tx(hctx).Exec(hctx, `SELECT 1`)
+			require.NoError(t, err)
+			require.NoError(t, ex.Commit(ctx, []byte("final"), time.Hour))
+		case "discard with outcome":
+			require.NoError(t, ex.Discard(ctx, []byte("final"), time.Hour))
+		case "discard":
+			require.NoError(t, ex.Discard(ctx, nil, 0))
+		case "complete":
+			require.NoError(t, s.Complete(ctx, key, token, []byte("final"), time.Hour))
+		case "release":
+			require.NoError(t, s.Release(ctx, key, token))
+		}
+		close(stop)
+		wg.Wait()
+		require.ErrorIs(t, s.Renew(ctx, key, token, lease), idempotency.ErrLeaseLost, "%s: a renewal after it", how)
+		require.ErrorIs(t, s.RenewBatch(ctx, []string{key}, []string{token}, lease)[0], idempotency.ErrLeaseLost, "%s: a batch renewal after it", how)
+		record, ttl, err := s.Get(ctx, key)
+		if how == "discard" || how == "release" {
+			require.ErrorIs(t, err, idempotency.ErrNoRecord, "%s: the key came back", how)
+			continue
+		}
+		require.NoError(t, err)
+		require.Equal(t, []byte("final"), record, how)
+		require.Greater(t, ttl, 30*time.Minute, "%s: the outcome's TTL was cut to a lease", how)
 	}
 }

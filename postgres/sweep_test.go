@@ -3,6 +3,8 @@ package idempotencypg
 import (
 	"context"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -78,4 +80,69 @@ func BenchmarkSweep(b *testing.B) {
 		elapsed += time.Since(start)
 	}
 	b.ReportMetric(float64(deleted)/elapsed.Seconds(), "rows/s")
+}
+
+// The sweeper never deletes a live record, however it races the claims and
+// renewals that make expired rows live again: sweeps back to back against
+// 32 keys claimed with 30ms leases and renewed every 5ms (claimed again
+// under a new token when a renewal finds the lease gone), for 1.5s. A
+// trigger records every row the sweeper deletes whose lease or TTL had not
+// ended when the sweep began (only the sweeper deletes here).
+func TestSweepNeverDeletesALiveRecord(t *testing.T) {
+	s, pool := testStore(t)
+	ctx := testCtx(t)
+	table := s.table.Sanitize()
+	name := s.table[len(s.table)-1]
+	_, err := pool.Exec(ctx, `CREATE TABLE `+name+`_live_deleted (key text, expires_at timestamptz, swept_at timestamptz);
+CREATE FUNCTION `+name+`_check() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF OLD.expires_at > statement_timestamp() THEN
+    INSERT INTO `+name+`_live_deleted VALUES (OLD.key, OLD.expires_at, statement_timestamp());
+  END IF;
+  RETURN OLD;
+END $$;
+CREATE TRIGGER `+name+`_check AFTER DELETE ON `+table+` FOR EACH ROW EXECUTE FUNCTION `+name+`_check();`)
+	require.NoError(t, err)
+
+	const keys, lease = 32, 30 * time.Millisecond
+	end := time.Now().Add(1500 * time.Millisecond)
+	var swept, lost, renewed atomic.Int64
+	var wg sync.WaitGroup
+	for k := range keys {
+		wg.Go(func() {
+			key := fmt.Sprintf("live-%02d", k)
+			for gen := 0; time.Now().Before(end); gen++ {
+				token := fmt.Sprintf("%s-%d", key, gen)
+				res, err := s.Claim(ctx, key, token, []byte("in progress"), lease)
+				if err != nil || !res.Claimed {
+					time.Sleep(2 * time.Millisecond)
+					continue
+				}
+				for time.Now().Before(end) {
+					time.Sleep(5 * time.Millisecond)
+					if err := s.Renew(ctx, key, token, lease); err != nil {
+						lost.Add(1)
+						break
+					}
+					renewed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Go(func() {
+		for time.Now().Before(end) {
+			n, err := s.Sweep(ctx, 1000)
+			if err != nil {
+				t.Errorf("sweep: %v", err)
+				return
+			}
+			swept.Add(int64(n))
+		}
+	})
+	wg.Wait()
+	var live int
+	require.NoError(t, pool.QueryRow(ctx, `SELECT count(*) FROM `+name+`_live_deleted`).Scan(&live))
+	t.Logf("%d renewals, %d leases lost, %d expired rows swept, %d live rows swept", renewed.Load(), lost.Load(), swept.Load(), live)
+	require.Zero(t, live, "live records the sweeper deleted")
+	require.Positive(t, swept.Load(), "the sweeper never raced an expired lease: the test proves nothing")
 }

@@ -320,3 +320,72 @@ func TestTxFullPoolDoesNotStarveTheRenewals(t *testing.T) {
 	require.EqualValues(t, 2, ts.svc.Runs.Load())
 	require.Equal(t, 2, ts.rows(t))
 }
+
+// Two owners for one key while the first one's transaction is still open:
+// A's lease ends (moved into the past by hand) after its handler wrote its
+// row, and B claims the key at the same moment as A commits. Whichever way
+// each race goes, exactly one of them commits, its row and its outcome
+// together; the other's row vanishes.
+func TestTxTakeoverWhileTheFirstTransactionIsOpenCommitsOnce(t *testing.T) {
+	s, pool := testStore(t)
+	ctx := testCtx(t)
+	charges := fmt.Sprintf("charges_%d", tables.Add(1))
+	_, err := pool.Exec(ctx, `CREATE TABLE `+charges+` (key text NOT NULL, owner text NOT NULL)`)
+	require.NoError(t, err)
+	run := func(ex idempotency.Execution, key, owner string) error {
+		hctx, err := ex.Begin(ctx)
+		require.NoError(t, err)
+		_, err = Tx(hctx).Exec(hctx, `INSERT INTO `+charges+` VALUES ($1, $2)`, key, owner)
+		require.NoError(t, err)
+		return ex.Commit(ctx, []byte(owner), time.Hour)
+	}
+	won := map[string]int{}
+	for i := range 40 {
+		key := fmt.Sprintf("%064x", 5000+i)
+		res, a, err := s.ClaimTx(ctx, key, "A", []byte("in progress"), time.Hour)
+		require.NoError(t, err)
+		require.True(t, res.Claimed)
+		hctx, err := a.Begin(ctx)
+		require.NoError(t, err)
+		_, err = Tx(hctx).Exec(hctx, `INSERT INTO `+charges+` VALUES ($1, 'A')`, key)
+		require.NoError(t, err)
+		_, err = pool.Exec(ctx, `UPDATE `+s.table.Sanitize()+` SET expires_at = statement_timestamp() - interval '1 millisecond' WHERE key = $1`, key)
+		require.NoError(t, err)
+
+		var wg sync.WaitGroup
+		var aErr, bErr error
+		bClaimed := false
+		wg.Go(func() { aErr = a.Commit(ctx, []byte("A"), time.Hour) })
+		wg.Go(func() {
+			res, b, err := s.ClaimTx(ctx, key, "B", []byte("in progress"), time.Hour)
+			if err != nil || !res.Claimed {
+				bErr = err
+				return
+			}
+			bClaimed = true
+			bErr = run(b, key, "B")
+		})
+		wg.Wait()
+		require.NoError(t, bErr)
+		var owners []string
+		rows, err := pool.Query(ctx, `SELECT owner FROM `+charges+` WHERE key = $1`, key)
+		require.NoError(t, err)
+		for rows.Next() {
+			var o string
+			require.NoError(t, rows.Scan(&o))
+			owners = append(owners, o)
+		}
+		require.NoError(t, rows.Err())
+		require.Len(t, owners, 1, "key %d: business rows of %v (A's commit: %v, B claimed: %v)", i, owners, aErr, bClaimed)
+		record, _, err := s.Get(ctx, key)
+		require.NoError(t, err)
+		require.Equal(t, owners[0], string(record), "key %d: the outcome is not the committed row's owner's", i)
+		if owners[0] == "A" {
+			require.NoError(t, aErr)
+		} else {
+			require.ErrorIs(t, aErr, idempotency.ErrLeaseLost)
+		}
+		won[owners[0]]++
+	}
+	t.Logf("A committed %d keys, B %d", won["A"], won["B"])
+}
