@@ -21,6 +21,7 @@ func (s *server) claim(ctx context.Context, c *call) (any, error) {
 	wait := s.o.pollInterval
 	for {
 		start, sent := time.Now(), s.o.now()
+		c.claimSent = s.renewer.clock.Now()
 		var res ClaimResult
 		if s.txs != nil {
 			res, c.ex, err = s.txs.ClaimTx(ctx, c.storeKey, c.token, c.inProgress, s.o.lease)

@@ -26,6 +26,13 @@ func (s *server) execute(ctx context.Context, c *call) (any, error) {
 	// be retried (Redis briefly unreachable) does not let the lease end under
 	// it. A release stops it first: a key being freed needs no lease.
 	keeper := s.keepLease(c)
+	if keeper == nil {
+		// The claim's reply came back too late to trust its lease, which
+		// may have ended and let another call claim the key: free the
+		// claim if it is still ours (fenced by the token), run nothing.
+		c.ev.Err = s.finish(ctx, c, nil)
+		return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), errClaimTooLate)
+	}
 	panicked := true
 	defer func() {
 		if panicked {

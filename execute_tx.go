@@ -18,6 +18,12 @@ import (
 // and releases the key.
 func (s *server) executeTx(ctx context.Context, c *call) (any, error) {
 	keeper := s.keepLease(c)
+	if keeper == nil {
+		// The claim's reply came back too late to trust its lease (see
+		// execute): roll back and free the claim, run nothing.
+		_ = s.discard(ctx, c, nil)
+		return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), errClaimTooLate)
+	}
 	hctx, berr := c.ex.Begin(contextWithServerKey(ctx, c.key))
 	if berr != nil {
 		keeper.stop(true)

@@ -6,52 +6,106 @@ import (
 	"context"
 	"errors"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 )
 
-// renewer keeps the leases of every call in flight on one server with one
-// goroutine: each tick sends the renewals of all the keys that are due in
-// one batch (one pipelined round trip per Redis node with a
-// [BatchRenewer]), retries a failed renewal promptly with a bounded backoff
-// (so an outage shorter than what is left of the lease never loses it), and
-// takes a key back under the same token when a renewal finds it gone with
-// nobody else owning it. A call registers and unregisters in O(1) and owns
-// no goroutine; the renewer's goroutine exists only while leases do.
+// maxRenewBatch is the most renewals one pipeline carries: a tick with
+// more leases due sends several pipelines, up to maxRenewPipelines at once,
+// so no round trip grows with the number of calls in flight, and one slow
+// pipeline delays no other.
+const (
+	maxRenewBatch     = 256
+	maxRenewPipelines = 8
+)
+
+// errClaimTooLate is why a call whose claim answered too late did not run.
+var errClaimTooLate = errors.New("idempotency: the claim's reply came back too late to trust its lease; the claim was released and the handler not run")
+
+// errNoAnswer is a renewal try that got no answer before its deadline.
+var errNoAnswer = errors.New("idempotency: the store did not answer the renewal in time")
+
+// renewer keeps the leases of every call in flight on one server. One
+// goroutine schedules them: a lease is due a quarter of the lease after its
+// claim or its last renewal was sent, so each renewal lands before a third
+// of the lease has passed; the leases due within one slot (a twelfth of
+// the lease) are sent together, in pipelines of at most maxRenewBatch keys
+// (one round trip per Redis node with a [BatchRenewer]), each from its own
+// goroutine, maxRenewPipelines at a time: the scheduling goroutine never
+// waits for the store.
 //
-// Stopping a lease never waits: an answer is never delayed by a renewal in
-// flight, and no renewal of it starts after stop returns.
+// Each try has tryFor to answer. One that fails, or does not answer in
+// time, is retried after a backoff, so a lease not yet renewed gets a new
+// try at least every sixteenth of the lease (tryFor + maxBackoff, plus the
+// time to send the pipelines queued before it), also when the store hangs
+// instead of refusing (a dead host: no reply, no reset). A renewal that
+// finds the key gone with nobody else owning it takes it back under the
+// same token.
+//
+// A call registers and unregisters in O(1) and owns no goroutine; the
+// scheduling goroutine exists only while leases do. Stopping a lease never
+// waits: an answer is never delayed by a renewal in flight, and no renewal
+// of it starts after stop returns.
 type renewer struct {
 	store Store
 	batch BatchRenewer // store, when it is one
+	clock leaseClock
 	lease time.Duration
-	every time.Duration // a third of the lease
-	// early: a tick also renews the leases due within this much, so calls
-	// that started close together share a batch.
-	early            time.Duration
+	every time.Duration // from one send to the next: a quarter of the lease
+	// slot is the width of a bucket of due times: the leases due in one
+	// are sent together, up to a slot early.
+	slot             time.Duration
+	epoch            time.Time // slot 0 starts here
 	base, maxBackoff time.Duration
-	tryFor           time.Duration // the bound of one batch
+	tryFor           time.Duration // the deadline of one try
 	hook             func(key string)
+	// pipelines bounds the tries in flight: a try's deadline starts when
+	// it gets one, so a tick of many pipelines never times its own last
+	// ones out. renewSlots bounds the Renew calls in flight for a store
+	// that is not a BatchRenewer.
+	pipelines, renewSlots chan struct{}
 
-	mu      sync.Mutex
-	queue   list.List // *leaseKeeper in order of their next renewal
-	retries retryHeap // *leaseKeeper retrying a failed renewal, soonest first
-	running bool      // the goroutine runs
-	// wake interrupts the goroutine's wait when a retry is scheduled from
-	// outside it (a take-back), which may be due sooner.
-	wake chan struct{}
+	mu       sync.Mutex
+	due      map[int64]*list.List // slot → *leaseKeeper due for their periodic renewal in it
+	retries  retryHeap            // *leaseKeeper retrying a failed try, soonest first
+	running  bool                 // the goroutine runs
+	inFlight int                  // leases with a try in flight
+	// sleepUntil is when the goroutine's wait ends, zero while it is not
+	// waiting; a lease due sooner wakes it.
+	sleepUntil time.Time
+	wake       chan struct{}
 }
 
-func newRenewer(store Store, lease time.Duration, hook func(string)) *renewer {
-	r := &renewer{store: store, lease: lease, every: lease / 3, hook: hook, wake: make(chan struct{}, 1)}
+// leaseClock is the renewer's time: the real one, or a test's.
+type leaseClock interface {
+	Now() time.Time
+	// AfterFunc calls f in its own goroutine after d; stop cancels it.
+	AfterFunc(d time.Duration, f func()) (stop func() bool)
+}
+
+type realClock struct{}
+
+func (realClock) Now() time.Time { return time.Now() }
+func (realClock) AfterFunc(d time.Duration, f func()) func() bool {
+	return time.AfterFunc(d, f).Stop
+}
+
+func newRenewer(store Store, lease time.Duration, hook func(string), clock leaseClock) *renewer {
+	if clock == nil {
+		clock = realClock{}
+	}
+	r := &renewer{store: store, clock: clock, lease: lease, hook: hook,
+		every: lease / 4, slot: max(lease/12, 1), epoch: clock.Now(),
+		pipelines: make(chan struct{}, maxRenewPipelines), renewSlots: make(chan struct{}, 64), due: make(map[int64]*list.List), wake: make(chan struct{}, 1)}
 	r.batch, _ = store.(BatchRenewer)
-	r.early = r.every / 4
+	// A try that hangs ends after tryFor and is retried after at most
+	// maxBackoff: a sixteenth of the lease between two tries, whatever the
+	// store does.
+	r.tryFor = max(lease/32, time.Millisecond)
 	r.base = min(max(lease/64, time.Millisecond), 100*time.Millisecond)
-	r.maxBackoff = max(lease/16, r.base)
-	// One try may take at most a quarter of the lease, so a hung store
-	// leaves room for more tries before the lease ends.
-	r.tryFor = max(lease/4, time.Millisecond)
+	r.maxBackoff = max(lease/32, r.base)
 	return r
 }
 
@@ -66,7 +120,8 @@ type leaseKeeper struct {
 	// Guarded by r.mu.
 	due       time.Time
 	backoff   time.Duration
-	elem      *list.Element // in r.queue, or nil
+	slot      int64         // of due, while elem is set
+	elem      *list.Element // in r.due[slot], or nil
 	heapIndex int           // in r.retries, or -1
 	inFlight  bool          // a renewal or take-back is being sent
 	stopped   bool
@@ -75,52 +130,83 @@ type leaseKeeper struct {
 	forgotten bool // the record was deleted (Forget) while the call ran
 }
 
-// keepLease registers c's lease with the server's renewer.
+// keepLease registers c's lease with the server's renewer, counted from
+// when its claim was sent (the store started the lease after that). It
+// returns nil when the claim's reply came back so late that too little of
+// the lease may be left to renew it (an eighth: two of the renewer's retry
+// intervals): the caller must not run the handler.
 func (s *server) keepLease(c *call) *leaseKeeper {
-	r := s.renewer
-	k := &leaseKeeper{r: r, key: c.storeKey, token: c.token, record: c.inProgress, heapIndex: -1, backoff: r.base}
+	return s.renewer.keep(c.storeKey, c.token, c.inProgress, c.claimSent)
+}
+
+func (r *renewer) keep(key, token string, record []byte, sent time.Time) *leaseKeeper {
+	if !r.clock.Now().Before(sent.Add(r.lease - r.lease/8)) {
+		return nil
+	}
+	k := &leaseKeeper{r: r, key: key, token: token, record: record, heapIndex: -1, backoff: r.base}
 	r.mu.Lock()
-	r.requeueLocked(k, time.Now())
+	r.scheduleLocked(k, sent.Add(r.every))
 	r.mu.Unlock()
 	return k
 }
 
 func (r *renewer) run() {
-	t := time.NewTimer(time.Hour)
-	defer t.Stop()
 	for {
 		r.mu.Lock()
-		next, ok := r.nextDue()
+		r.sleepUntil = time.Time{}
+		now := r.clock.Now()
+		next, ok := r.nextDueLocked()
 		if !ok {
 			r.running = false
 			r.mu.Unlock()
 			return
 		}
-		now := time.Now()
-		if d := next.Sub(now); d > 0 {
+		if next.After(now) {
+			r.sleepUntil = next
+			stop := r.clock.AfterFunc(next.Sub(now), r.poke)
 			r.mu.Unlock()
-			t.Reset(d)
-			select {
-			case <-t.C:
-			case <-r.wake:
-				if !t.Stop() {
-					<-t.C
-				}
-			}
+			<-r.wake
+			stop()
 			continue
 		}
-		batch := r.takeDue(now.Add(r.early))
+		batch := r.takeDueLocked(now)
 		r.mu.Unlock()
-		r.renew(batch)
+		for len(batch) > 0 {
+			n := min(len(batch), maxRenewBatch)
+			go r.renew(batch[:n:n], now)
+			batch = batch[n:]
+		}
 	}
 }
 
-// nextDue returns when the next renewal is due. Callers hold r.mu.
-func (r *renewer) nextDue() (time.Time, bool) {
+// poke wakes the goroutine's wait.
+func (r *renewer) poke() {
+	select {
+	case r.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (r *renewer) slotOf(t time.Time) int64 {
+	d := t.Sub(r.epoch)
+	s := int64(d / r.slot)
+	if d < 0 && d%r.slot != 0 {
+		s--
+	}
+	return s
+}
+
+func (r *renewer) slotStart(s int64) time.Time { return r.epoch.Add(time.Duration(s) * r.slot) }
+
+// nextDueLocked returns when the next renewal is due: the start of the
+// earliest slot holding a lease, or the earliest retry. Callers hold r.mu.
+func (r *renewer) nextDueLocked() (time.Time, bool) {
 	var next time.Time
 	ok := false
-	if f := r.queue.Front(); f != nil {
-		next, ok = f.Value.(*leaseKeeper).due, true
+	for s := range r.due {
+		if t := r.slotStart(s); !ok || t.Before(next) {
+			next, ok = t, true
+		}
 	}
 	if len(r.retries) > 0 && (!ok || r.retries[0].due.Before(next)) {
 		next, ok = r.retries[0].due, true
@@ -128,18 +214,27 @@ func (r *renewer) nextDue() (time.Time, bool) {
 	return next, ok
 }
 
-// takeDue removes the leases due by horizon, marks them in flight and
-// reports each renewal to the test hook as it begins. Callers hold r.mu.
-func (r *renewer) takeDue(horizon time.Time) []*leaseKeeper {
+// takeDueLocked removes the leases of every slot that has begun and the
+// retries due by now, marks them in flight and reports each renewal to the
+// test hook as it begins. Callers hold r.mu.
+func (r *renewer) takeDueLocked(now time.Time) []*leaseKeeper {
 	var batch []*leaseKeeper
-	for f := r.queue.Front(); f != nil && !f.Value.(*leaseKeeper).due.After(horizon); f = r.queue.Front() {
-		k := r.queue.Remove(f).(*leaseKeeper)
-		k.elem = nil
-		batch = append(batch, k)
+	cur := r.slotOf(now)
+	for s, l := range r.due {
+		if s > cur {
+			continue
+		}
+		for e := l.Front(); e != nil; e = e.Next() {
+			k := e.Value.(*leaseKeeper)
+			k.elem = nil
+			batch = append(batch, k)
+		}
+		delete(r.due, s)
 	}
-	for len(r.retries) > 0 && !r.retries[0].due.After(horizon) {
+	for len(r.retries) > 0 && !r.retries[0].due.After(now) {
 		batch = append(batch, heap.Pop(&r.retries).(*leaseKeeper))
 	}
+	r.inFlight += len(batch)
 	for _, k := range batch {
 		k.inFlight = true
 		if r.hook != nil {
@@ -149,34 +244,76 @@ func (r *renewer) takeDue(horizon time.Time) []*leaseKeeper {
 	return batch
 }
 
-// renew sends one batch of renewals and files each lease by its result.
-func (r *renewer) renew(batch []*leaseKeeper) {
+// bounded waits for one of the pipelines slots, runs call with a deadline
+// of tryFor and then calls file, once: with call's result, or with
+// errNoAnswer when the deadline passes first, which frees the slot. A store
+// call that outlives its deadline (one deaf to ctx) is left to end on its
+// own, its result dropped: no try waits on another.
+func (r *renewer) bounded(call func(ctx context.Context) error, file func(err error)) {
+	r.pipelines <- struct{}{}
 	ctx, cancel := context.WithTimeout(context.Background(), r.tryFor)
-	errs := r.renewAll(ctx, batch)
-	cancel()
+	defer cancel()
+	var filed atomic.Bool
+	done := func(err error) {
+		if filed.CompareAndSwap(false, true) {
+			<-r.pipelines
+			file(err)
+		}
+	}
+	stop := r.clock.AfterFunc(r.tryFor, func() {
+		done(errNoAnswer)
+		cancel()
+	})
+	err := call(ctx)
+	stop()
+	done(err)
+}
+
+// renew sends one pipeline of renewals, sent at the tick of time sent, and
+// files each lease by its result.
+func (r *renewer) renew(batch []*leaseKeeper, sent time.Time) {
+	var errs []error
+	r.bounded(func(ctx context.Context) error {
+		errs = r.renewAll(ctx, batch)
+		return nil
+	}, func(err error) {
+		if err != nil {
+			r.file(batch, sent, nil) // not answered in time: errs is not ours to read
+			return
+		}
+		r.file(batch, sent, errs)
+	})
+}
+
+// file files each lease of batch by its result (errs nil: no answer).
+func (r *renewer) file(batch []*leaseKeeper, sent time.Time, errs []error) {
 	r.mu.Lock()
-	now := time.Now()
+	now := r.clock.Now()
 	var takeBack []*leaseKeeper
 	for i, k := range batch {
+		k.inFlight = false
+		r.inFlight--
 		if k.stopped {
-			k.inFlight = false
 			k.exitLocked()
 			continue
 		}
-		switch err := errs[i]; {
+		err := errNoAnswer
+		if errs != nil {
+			err = errs[i]
+		}
+		switch {
 		case err == nil:
-			k.inFlight = false
 			k.backoff = r.base
-			r.requeueLocked(k, now)
+			r.scheduleLocked(k, sent.Add(r.every))
 		case errors.Is(err, ErrLeaseLost):
 			// The key is gone (its lease ran out while the store was
 			// unreachable) or someone else holds it. Claiming it under our
 			// own token succeeds only in the first case, when no other
 			// execution can exist.
-			k.tookBack = true
-			takeBack = append(takeBack, k) // still in flight
+			k.inFlight, k.tookBack = true, true
+			r.inFlight++
+			takeBack = append(takeBack, k)
 		default:
-			k.inFlight = false
 			r.retryLocked(k, now)
 		}
 	}
@@ -187,7 +324,7 @@ func (r *renewer) renew(batch []*leaseKeeper) {
 }
 
 // renewAll renews every lease of batch: in one call of a BatchRenewer, or
-// with up to 64 Renew calls at a time.
+// with concurrent Renew calls (at most 64 in flight for the renewer).
 func (r *renewer) renewAll(ctx context.Context, batch []*leaseKeeper) []error {
 	if r.batch != nil {
 		keys, tokens := make([]string, len(batch)), make([]string, len(batch))
@@ -199,12 +336,16 @@ func (r *renewer) renewAll(ctx context.Context, batch []*leaseKeeper) []error {
 		}
 	}
 	errs := make([]error, len(batch))
-	sem := make(chan struct{}, 64)
 	var wg sync.WaitGroup
 	for i, k := range batch {
-		sem <- struct{}{}
+		select {
+		case r.renewSlots <- struct{}{}:
+		case <-ctx.Done():
+			errs[i] = ctx.Err()
+			continue
+		}
 		wg.Go(func() {
-			defer func() { <-sem }()
+			defer func() { <-r.renewSlots }()
 			errs[i] = r.store.Renew(ctx, k.key, k.token, r.lease)
 		})
 	}
@@ -218,58 +359,72 @@ func (r *renewer) takeBack(k *leaseKeeper) {
 	r.mu.Lock()
 	if k.stopped {
 		k.inFlight = false
+		r.inFlight--
 		k.exitLocked()
 		r.mu.Unlock()
 		return
 	}
+	sent := r.clock.Now()
 	r.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), r.tryFor)
-	res, err := r.store.Claim(ctx, k.key, k.token, k.record, r.lease)
-	cancel()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	k.inFlight = false
-	now := time.Now()
-	switch {
-	case k.stopped:
-		k.exitLocked()
-	case errors.Is(err, ErrLeaseLost):
-		k.forgotten = true // Forget fenced our token
-	case err != nil:
-		r.retryLocked(k, now)
-	case res.Claimed || ownsRecord(res.Record, k.token):
-		k.backoff = r.base
-		r.requeueLocked(k, now)
+	var res ClaimResult
+	r.bounded(func(ctx context.Context) error {
+		var err error
+		res, err = r.store.Claim(ctx, k.key, k.token, k.record, r.lease)
+		return err
+	}, func(err error) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		k.inFlight = false
+		r.inFlight--
+		switch {
+		case k.stopped:
+			k.exitLocked()
+		case errors.Is(err, ErrLeaseLost):
+			k.forgotten = true // Forget fenced our token
+		case err != nil:
+			r.retryLocked(k, r.clock.Now())
+		case res.Claimed || ownsRecord(res.Record, k.token):
+			k.backoff = r.base
+			r.scheduleLocked(k, sent.Add(r.every))
+		}
+		// Otherwise another call owns the key: the lease is lost for good.
+	})
+}
+
+// scheduleLocked files k for its periodic renewal, due at due, in the
+// slot holding due. Callers hold r.mu.
+func (r *renewer) scheduleLocked(k *leaseKeeper, due time.Time) {
+	k.due = due
+	k.slot = r.slotOf(due)
+	l := r.due[k.slot]
+	if l == nil {
+		l = list.New()
+		r.due[k.slot] = l
 	}
-	// Otherwise another call owns the key: the lease is lost for good.
+	k.elem = l.PushBack(k)
+	r.wakeForLocked(r.slotStart(k.slot))
 }
 
-// requeueLocked schedules k's next periodic renewal. Every due time is
-// now + every, so the queue stays in order. Callers hold r.mu.
-func (r *renewer) requeueLocked(k *leaseKeeper, now time.Time) {
-	k.due = now.Add(r.every)
-	k.elem = r.queue.PushBack(k)
-	r.ensureRunningLocked()
-}
-
-// retryLocked schedules a prompt retry of k's failed renewal. Callers
-// hold r.mu.
+// retryLocked schedules a prompt retry of k's failed try. Callers hold
+// r.mu.
 func (r *renewer) retryLocked(k *leaseKeeper, now time.Time) {
 	k.due = now.Add(k.backoff)
 	k.backoff = min(2*k.backoff, r.maxBackoff)
 	heap.Push(&r.retries, k)
-	r.ensureRunningLocked()
-	select {
-	case r.wake <- struct{}{}:
-	default:
-	}
+	r.wakeForLocked(k.due)
 }
 
-// ensureRunningLocked starts the goroutine if it ended. Callers hold r.mu.
-func (r *renewer) ensureRunningLocked() {
+// wakeForLocked makes sure the goroutine runs and wakes by t. Callers hold
+// r.mu.
+func (r *renewer) wakeForLocked(t time.Time) {
 	if !r.running {
 		r.running = true
 		go r.run()
+		return
+	}
+	if !r.sleepUntil.IsZero() && t.Before(r.sleepUntil) {
+		r.sleepUntil = t
+		r.poke()
 	}
 }
 
@@ -298,7 +453,11 @@ func (k *leaseKeeper) stop(release bool) {
 	}
 	k.stopped, k.release = true, release
 	if k.elem != nil {
-		r.queue.Remove(k.elem)
+		l := r.due[k.slot]
+		l.Remove(k.elem)
+		if l.Len() == 0 {
+			delete(r.due, k.slot)
+		}
 		k.elem = nil
 	}
 	if k.heapIndex >= 0 {

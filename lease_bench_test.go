@@ -68,7 +68,7 @@ func BenchmarkInFlightLeases(b *testing.B) {
 			counter := &renewCounter{}
 			rdb.AddHook(counter)
 			const lease = 900 * time.Millisecond
-			every := lease / 3
+			every := lease / 4 // the renewal period
 			store := NewRedisStore(rdb, WithKeyPrefix(fmt.Sprintf("bench-leases:%d:", time.Now().UnixNano())), WithRedisLogger(nil))
 			icpt := UnaryServerInterceptor(store, WithLease(lease), WithCompleteTimeout(30*time.Second))
 			info := &grpc.UnaryServerInfo{FullMethod: "/idempotency.testing.v1.TestService/Do"}

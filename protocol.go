@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	mrand "math/rand/v2"
 	"sync"
+	"time"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
 	"google.golang.org/grpc"
@@ -147,7 +148,7 @@ func (p *Protocol) Handle(ctx context.Context, in Call, x Exchange) (any, error)
 func newServer(store Store, opts []Option) *server {
 	s := &server{store: store, o: evaluateOptions(opts)}
 	s.txs, _ = store.(TxStore)
-	s.renewer = newRenewer(store, s.o.lease, s.o.renewHook)
+	s.renewer = newRenewer(store, s.o.lease, s.o.renewHook, s.o.leaseClock)
 	s.policies.override = s.o.policy
 	if s.o.localCacheSize > 0 {
 		s.cache = newLocalCache(s.o.localCacheSize, s.o.localCacheAge)
@@ -180,6 +181,9 @@ type call struct {
 	token      string
 	// inProgress is the encoded in-progress record the call claims with.
 	inProgress []byte
+	// claimSent is when the claim that won the key was sent, on the
+	// renewer's clock: its lease runs from no earlier than that.
+	claimSent time.Time
 	// ex is the claim's Execution when the store is a TxStore.
 	ex Execution
 	ev Event

@@ -3,7 +3,7 @@ package idempotency
 // An in-process TCP proxy between the servers and Redis that injects
 // network faults: added latency, connections reset around a chosen command
 // (before it reaches Redis, or after Redis ran it but before its reply gets
-// back), and a full partition.
+// back), a full partition, and a dead host (a blackhole).
 
 import (
 	"bytes"
@@ -40,11 +40,13 @@ type faultProxy struct {
 	ln     net.Listener
 	target string
 
-	latency atomic.Int64 // added before forwarding each chunk, each way
+	latency   atomic.Int64 // added before forwarding each chunk, each way
+	swallowed atomic.Int64 // chunks a blackhole swallowed
 
 	mu          sync.Mutex
 	cond        *sync.Cond
 	partitioned bool
+	blackhole   bool
 	conns       map[*proxyConn]struct{}
 	faults      []*proxyFault
 	injected    map[proxyAction]int
@@ -56,6 +58,7 @@ type proxyConn struct {
 	client    net.Conn
 	upstream  net.Conn
 	dropReply atomic.Bool
+	dead      atomic.Bool // blackholed: swallows everything, both ways, for good
 	closeOnce sync.Once
 }
 
@@ -110,6 +113,30 @@ func (p *faultProxy) Heal() {
 	p.mu.Unlock()
 }
 
+// Blackhole makes Redis behave like a dead host, or one behind a partition
+// that drops packets: every connection open now or opened before
+// EndBlackhole swallows all bytes both ways, with no reply and no reset,
+// until the client closes it. Connections opened after EndBlackhole work.
+func (p *faultProxy) Blackhole() {
+	p.mu.Lock()
+	p.blackhole = true
+	for c := range p.conns {
+		c.dead.Store(true)
+	}
+	p.mu.Unlock()
+}
+
+// Swallowed returns how many chunks, either way, a blackhole swallowed.
+func (p *faultProxy) Swallowed() int64 { return p.swallowed.Load() }
+
+// EndBlackhole lets new connections through again; the swallowed ones stay
+// silent, as a TCP connection to a host that lost it does.
+func (p *faultProxy) EndBlackhole() {
+	p.mu.Lock()
+	p.blackhole = false
+	p.mu.Unlock()
+}
+
 // Arm injects action on the next n client-to-Redis chunks containing match.
 func (p *faultProxy) Arm(match []byte, action proxyAction, n int) { p.ArmEvery(match, action, 1, n) }
 
@@ -160,6 +187,7 @@ func (p *faultProxy) accept() {
 			return
 		}
 		p.conns[c] = struct{}{}
+		c.dead.Store(p.blackhole)
 		p.mu.Unlock()
 		go c.pump(client, upstream, true)
 		go c.pump(upstream, client, false)
@@ -214,7 +242,9 @@ func (c *proxyConn) pump(from, to net.Conn, toRedis bool) {
 	buf := make([]byte, 64<<10)
 	for {
 		n, err := from.Read(buf)
-		if n > 0 {
+		if n > 0 && c.dead.Load() {
+			c.p.swallowed.Add(1)
+		} else if n > 0 {
 			chunk := buf[:n]
 			if !c.p.waitOpen() {
 				return

@@ -86,8 +86,44 @@ func TestRenewerBatchesTheLeasesOfAllCalls(t *testing.T) {
 			waitUntil(t, "the renewer's goroutine ends with the last lease", func() bool {
 				srv.renewer.mu.Lock()
 				defer srv.renewer.mu.Unlock()
-				return !srv.renewer.running && srv.renewer.queue.Len() == 0 && len(srv.renewer.retries) == 0
+				return !srv.renewer.running && len(srv.renewer.due) == 0 && len(srv.renewer.retries) == 0
 			})
 		})
+	}
+}
+
+// A tick sends at most 256 renewals per pipeline: 1,000 calls in flight,
+// started together, are renewed in several capped batches.
+func TestRenewalBatchesAreCapped(t *testing.T) {
+	counter := &batchCounter{MemoryStore: NewMemoryStore()}
+	var renewals atomic.Int64
+	// A lease long enough that no claim answers too late for it, even
+	// with 1,000 calls under -race on a busy machine.
+	srv := newServer(counter, []Option{WithLease(3 * time.Second), func(o *options) { o.renewHook = func(string) { renewals.Add(1) } }})
+	const calls = 1000
+	release := make(chan struct{})
+	var entered atomic.Int64
+	handler := func(ctx context.Context, req any) (any, error) {
+		entered.Add(1)
+		<-release
+		return &testingv1.DoResponse{}, nil
+	}
+	var wg sync.WaitGroup
+	for i := range calls {
+		wg.Go(func() {
+			ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("idempotency-key", fmt.Sprintf("cap-%d", i)))
+			if _, err := srv.intercept(ctx, &testingv1.DoRequest{}, &grpc.UnaryServerInfo{FullMethod: "/t/Do"}, handler); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	waitUntil(t, "every call runs", func() bool { return entered.Load() == calls })
+	waitUntil(t, "two renewals of every lease", func() bool { return renewals.Load() >= 2*calls })
+	close(release)
+	wg.Wait()
+	counter.mu.Lock()
+	defer counter.mu.Unlock()
+	if counter.largest > 256 || counter.batches < 2*calls/256 {
+		t.Fatalf("%d renewal batches, the largest of %d keys; want at most 256 keys each", counter.batches, counter.largest)
 	}
 }

@@ -78,6 +78,7 @@ type options struct {
 	localCacheAge   time.Duration
 	coalesce        bool
 	renewHook       func(storeKey string) // tests: each renewal as it begins
+	leaseClock      leaseClock            // tests: the renewer's time; nil is the real one
 }
 
 func evaluateOptions(opts []Option) *options {
