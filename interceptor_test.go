@@ -487,8 +487,9 @@ func TestLeaseRenewal(t *testing.T) {
 			_, err := env.client.Do(ctx, &testingv1.DoRequest{})
 			done <- err
 		}()
-		// Wait for 9 renewals: at least 3 leases of wall time have passed.
-		for store.renewals.Load() < 9 {
+		// Wait for 13 renewals, one every quarter of the lease: at least 3
+		// leases of wall time have passed.
+		for store.renewals.Load() < 13 {
 			select {
 			case <-store.renewed:
 			case <-ctx.Done():

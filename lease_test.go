@@ -279,7 +279,9 @@ func TestAnswerNotDelayedByRenewal(t *testing.T) {
 			<-renewing
 			return &testingv1.DoResponse{Execution: n}, nil
 		}}
-		env := newTestEnv(t, store, envConfig{svc: svc, opts: []Option{WithLease(30 * time.Millisecond)}})
+		// Long enough that no claim answers too late for its lease (7/8 of
+		// it) on a busy machine; the first renewal comes a quarter in.
+		env := newTestEnv(t, store, envConfig{svc: svc, opts: []Option{WithLease(200 * time.Millisecond)}})
 		done := make(chan error, 1)
 		go func() {
 			_, err := env.client.Do(withKey(testCtx(t), "hung-renewal"), &testingv1.DoRequest{})
@@ -322,10 +324,12 @@ func TestNoRenewalAfterRelease(t *testing.T) {
 			}
 		}
 		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
-			time.Sleep(3 * time.Millisecond)
+			time.Sleep(10 * time.Millisecond)
 			return nil, status.Error(codes.Unavailable, "downstream busy")
 		}}
-		env := newTestEnv(t, store, envConfig{svc: svc, opts: []Option{WithLease(3 * time.Millisecond), hook}})
+		// Renewals every 5ms: one or two per call, the last one often in
+		// flight when the call releases the key.
+		env := newTestEnv(t, store, envConfig{svc: svc, opts: []Option{WithLease(20 * time.Millisecond), hook}})
 		ctx := testCtx(t)
 		for i := 0; i < 40; i++ {
 			_, err := env.client.Do(withKey(ctx, "released-"+string(rune('a'+i%26))+string(rune('a'+i/26))), &testingv1.DoRequest{})
