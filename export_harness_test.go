@@ -14,9 +14,9 @@ import (
 // package's tests share.
 func SharedRedisAddrForTest(t testing.TB) string { return sharedRedisServer(t).Addr }
 
-// StartRedisClusterForTest starts a 3-master Redis Cluster for t and returns
-// its node addresses.
-func StartRedisClusterForTest(t *testing.T) []string { return relStartCluster(t) }
+// SharedRedisClusterAddrsForTest returns the node addresses of the 3-master
+// Redis Cluster the package's tests share.
+func SharedRedisClusterAddrsForTest(t *testing.T) []string { return sharedCluster(t) }
 
 // NewMemTxStoreForTest returns the in-memory TxStore of this package's
 // tests (store_tx_test.go), with the business write it counts and the count

@@ -103,6 +103,7 @@ func (s *sentinelSetup) failoverClient() *redis.Client {
 // (an outcome write the replica never acknowledged, lost with the master:
 // the replicated claim then ends with its lease, and a retry runs again).
 func TestStormSentinelFailover(t *testing.T) {
+	skipUnlessLong(t)
 	for _, tc := range []struct {
 		name    string
 		acks    bool

@@ -104,6 +104,7 @@ func (a *ackReplies) take() []string {
 // answer the outcome is in the master's append-only file and on the replica. With the replica
 // frozen, a claim is refused and nothing runs.
 func TestFsyncAcksOnAReplicatedValkey(t *testing.T) {
+	skipUnlessLong(t)
 	pair := startReplicaPair(t, "valkey-server", false, "--appendonly", "yes", "--appendfsync", "everysec")
 	master, replica, mc, rc := pair.master, pair.replica, pair.masterRDB, pair.replicaRDB
 	ctx := testCtx(t)

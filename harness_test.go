@@ -149,6 +149,7 @@ func TestMain(m *testing.M) {
 	// those warnings use their own logger.
 	slog.SetDefault(slog.New(slog.NewTextHandler(io.Discard, nil)))
 	code := m.Run()
+	stopSharedCluster()
 	if sharedRedis != nil {
 		sharedRedis.Stop()
 		_ = os.RemoveAll(sharedRedis.dir)

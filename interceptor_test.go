@@ -473,6 +473,7 @@ func (c *countingStore) Renew(ctx context.Context, key, token string, lease time
 // run it again.
 func TestLeaseRenewal(t *testing.T) {
 	forEachBackend(t, func(t *testing.T, b *backend) {
+		t.Parallel() // each waits out three leases
 		release := make(chan struct{})
 		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
 			<-release

@@ -63,6 +63,7 @@ func (f *relFleet) count(o Outcome) int {
 // progress throughout, the handler runs once, and all 13 callers get the
 // same bytes.
 func TestSlowHandlerAcrossServers(t *testing.T) {
+	skipUnlessLong(t)
 	redisSrv := newRedisServer(t)
 	const lease = 600 * time.Millisecond
 	const runFor = 3*lease + lease/2
@@ -146,6 +147,7 @@ func TestSlowHandlerAcrossServers(t *testing.T) {
 // handler gets the replay within one logical call. A handler that stops on
 // cancellation returns Canceled, which is not stored: its retry runs again.
 func TestDeadlineShorterThanHandlerAcrossServers(t *testing.T) {
+	skipUnlessLong(t)
 	redisSrv := newRedisServer(t)
 	const handlerTime = 400 * time.Millisecond
 	var execs atomic.Int64

@@ -96,6 +96,7 @@ func waitUntil(t testing.TB, what string, cond func() bool) {
 // duplicate sent after the first lease would have ended is still told the
 // first call is in progress.
 func TestLeaseSurvivesOutageOfTwoRenewals(t *testing.T) {
+	skipUnlessLong(t)
 	const lease = 6 * time.Second // renewals every 2s
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		t.Parallel()

@@ -170,6 +170,7 @@ func proxiedStorm(t *testing.T, redisAddr string, proxy *faultProxy, readTimeout
 // TestNetworkLatencyStorm runs a storm with 10 ms added each way on every
 // Redis round trip (20 ms per claim, per completion).
 func TestNetworkLatencyStorm(t *testing.T) {
+	skipUnlessLong(t)
 	redisSrv := newRedisServer(t)
 	proxy := newFaultProxy(t, redisSrv.Addr)
 	proxy.SetLatency(10 * time.Millisecond)
@@ -212,6 +213,7 @@ func TestNetworkResetStorm(t *testing.T) {
 // of a storm (all traffic held, as TCP holds it) and heals it once callers
 // have seen the outage.
 func TestNetworkPartitionStorm(t *testing.T) {
+	skipUnlessLong(t)
 	redisSrv := newRedisServer(t)
 	proxy := newFaultProxy(t, redisSrv.Addr)
 	cfg := proxiedStorm(t, redisSrv.Addr, proxy, 250*time.Millisecond)

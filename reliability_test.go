@@ -14,6 +14,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -705,7 +706,7 @@ func relRequireRedisCLI(t *testing.T) {
 
 // relClusterPort picks a random port in 20000-45000 that is free along with its
 // cluster-bus twin (port + 10000).
-func relClusterPort(t *testing.T, taken map[int]bool) int {
+func relClusterPort(t testing.TB, taken map[int]bool) int {
 	t.Helper()
 	for i := 0; i < 200; i++ {
 		p := 20000 + rand.IntN(25001)
@@ -729,11 +730,63 @@ func relClusterPort(t *testing.T, taken map[int]bool) int {
 	return 0
 }
 
-// relStartCluster starts a three-master Redis Cluster on loopback and returns
-// the node addresses.
+// relStartCluster starts a three-master Redis Cluster on loopback for t and
+// returns the node addresses.
 func relStartCluster(t *testing.T) []string {
 	t.Helper()
 	relRequireRedisCLI(t)
+	return startCluster(t, t.TempDir, t.Cleanup)
+}
+
+var (
+	sharedClusterOnce  sync.Once
+	sharedClusterAddrs []string
+	sharedClusterStops []func()
+)
+
+// sharedCluster returns the three-master Redis Cluster shared by the
+// package's tests that touch only keys of their own (starting one costs
+// seconds): started on first use, stopped by TestMain.
+func sharedCluster(t *testing.T) []string {
+	t.Helper()
+	relRequireRedisCLI(t)
+	sharedClusterOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "idempotency-cluster-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		sharedClusterStops = append(sharedClusterStops, func() { _ = os.RemoveAll(dir) })
+		nodes := 0
+		nodeDir := func() string {
+			nodes++
+			d := filepath.Join(dir, strconv.Itoa(nodes))
+			if err := os.Mkdir(d, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			return d
+		}
+		// Servers stop before their directory is removed.
+		onStop := func(f func()) { sharedClusterStops = append([]func(){f}, sharedClusterStops...) }
+		sharedClusterAddrs = startCluster(t, nodeDir, onStop)
+	})
+	if sharedClusterAddrs == nil {
+		t.Fatal("the shared Redis Cluster did not start: see the first test that used it")
+	}
+	return sharedClusterAddrs
+}
+
+// stopSharedCluster stops the shared cluster, if a test started it.
+func stopSharedCluster() {
+	for _, stop := range sharedClusterStops {
+		stop()
+	}
+}
+
+// startCluster starts the three nodes in directories from nodeDir, hands
+// each node's stop to onStop, makes them one cluster and waits until every
+// node reports cluster_state:ok.
+func startCluster(t testing.TB, nodeDir func() string, onStop func(func())) []string {
+	t.Helper()
 	taken := map[int]bool{}
 	var addrs []string
 	for i := 0; i < 3; i++ {
@@ -741,7 +794,7 @@ func relStartCluster(t *testing.T) []string {
 		var err error
 		for attempt := 0; attempt < 3; attempt++ {
 			p := relClusterPort(t, taken)
-			srv, err = startRedisServer(t.TempDir(), p, "--cluster-enabled", "yes",
+			srv, err = startRedisServer(nodeDir(), p, "--cluster-enabled", "yes",
 				"--cluster-config-file", fmt.Sprintf("nodes-%d.conf", p), "--cluster-node-timeout", "5000")
 			if err == nil {
 				break
@@ -750,7 +803,7 @@ func relStartCluster(t *testing.T) []string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(srv.Stop)
+		onStop(srv.Stop)
 		addrs = append(addrs, srv.Addr)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -780,6 +833,7 @@ func relStartCluster(t *testing.T) []string {
 // started by the test, each server with its own ClusterClient, and checks
 // that the records spread over all three masters.
 func TestStormRedisCluster(t *testing.T) {
+	skipUnlessLong(t)
 	addrs := relStartCluster(t)
 	newCluster := func() *redis.ClusterClient {
 		c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs, DialTimeout: time.Second})
@@ -824,6 +878,7 @@ func TestStormRedisOutage(t *testing.T) { stormRedisOutage(t, 0) }
 func TestStormRedisOutageLongerThanLease(t *testing.T) { stormRedisOutage(t, 3*time.Second) }
 
 func stormRedisOutage(t *testing.T, minDown time.Duration) {
+	skipUnlessLong(t)
 	aof := []string{"--appendonly", "yes", "--appendfsync", "always"}
 	srv := newRedisServer(t, aof...)
 	var mu sync.Mutex

@@ -181,6 +181,7 @@ func TestReplicaAcksRefusedClaim(t *testing.T) {
 // not_replicated, with a warning, while the caller still gets its answer;
 // nothing is reported stored that was not acknowledged.
 func TestReplicaAcksUnreplicatedOutcome(t *testing.T) {
+	skipUnlessLong(t)
 	p := newReplicaPair(t)
 	prefix := "acks:" + t.Name() + ":"
 	log, buf := bufferLogger()
@@ -221,7 +222,7 @@ func TestReplicaAcksUnreplicatedOutcome(t *testing.T) {
 // to an arbitrary shard): on a cluster without replicas every claim is
 // refused as not replicated, never with a routing error, and nothing runs.
 func TestReplicaAcksOnCluster(t *testing.T) {
-	addrs := relStartCluster(t)
+	addrs := sharedCluster(t)
 	c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { c.Close() })
 	store := NewRedisStore(c, WithKeyPrefix("acks:"+t.Name()+":"), WithReplicaAcks(1, 50*time.Millisecond), WithRedisLogger(nil))

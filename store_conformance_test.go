@@ -23,14 +23,17 @@ func conformancePrefix() string {
 // TestStoreConformance runs the public Store contract suite
 // (idempotencytest.RunStoreTests) against every store of this repository:
 // the memory store, Redis on miniredis (its clock moved with FastForward),
-// a real redis-server and a real 3-master Redis Cluster (in real time).
+// a real redis-server and a real 3-master Redis Cluster (in real time). The
+// stores run side by side: the real-time ones mostly wait out leases.
 func TestStoreConformance(t *testing.T) {
 	t.Run("memory", func(t *testing.T) {
+		t.Parallel()
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
 			return idempotencytest.Harness{Store: idempotency.NewMemoryStore()}
 		})
 	})
 	t.Run("miniredis", func(t *testing.T) {
+		t.Parallel()
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
 			m := miniredis.RunT(t)
 			c := redis.NewClient(&redis.Options{Addr: m.Addr(), ContextTimeoutEnabled: true})
@@ -42,6 +45,7 @@ func TestStoreConformance(t *testing.T) {
 		})
 	})
 	t.Run("redis-server", func(t *testing.T) {
+		t.Parallel()
 		c := redis.NewClient(&redis.Options{Addr: idempotency.SharedRedisAddrForTest(t), ContextTimeoutEnabled: true})
 		t.Cleanup(func() { c.Close() })
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
@@ -49,7 +53,8 @@ func TestStoreConformance(t *testing.T) {
 		})
 	})
 	t.Run("redis-cluster", func(t *testing.T) {
-		c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: idempotency.StartRedisClusterForTest(t), ContextTimeoutEnabled: true})
+		t.Parallel()
+		c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: idempotency.SharedRedisClusterAddrsForTest(t), ContextTimeoutEnabled: true})
 		t.Cleanup(func() { c.Close() })
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()

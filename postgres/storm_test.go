@@ -29,6 +29,7 @@ import (
 // must have run its successful handler once: one business row per key,
 // and every answer to a key identical.
 func TestStormFourServers(t *testing.T) {
+	skipUnlessLong(t)
 	const servers, keys, repeats, callers = 4, 400, 5, 32
 	first, _ := testStore(t)
 	table := first.table

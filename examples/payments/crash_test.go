@@ -262,9 +262,7 @@ func runCrashStorm(t *testing.T, dsn string, keys int, serveArgs ...string) cras
 // has an answer. Every key must have exactly one charge row and one
 // answer, and no claim may be left in progress.
 func TestCrashStormPostgres(t *testing.T) {
-	if testing.Short() {
-		t.Skip("the crash storm takes about a minute")
-	}
+	skipUnlessLong(t)
 	pg := pgtest.Start(t)
 	run := runCrashStorm(t, pg.DSN, 500, "--lease", "2s", "--chaos-kill", "0.02")
 	dupKeys, _ := run.duplicates()
@@ -285,9 +283,7 @@ func TestCrashStormPostgres(t *testing.T) {
 // contrast docs/RELIABILITY.md reports); it asserts only that every key got
 // an answer.
 func TestCrashStormRedisContrast(t *testing.T) {
-	if testing.Short() {
-		t.Skip("the crash storm takes about a minute")
-	}
+	skipUnlessLong(t)
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("redis-server is not on PATH and CI is set")
