@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The newcomer path, timed: a fresh clone, an empty module cache and an empty
+# build cache (GOMODCACHE and GOCACHE pointed at new directories), then the
+# README's two commands from the root, `go run ./examples/payments` and
+# `go test work`. The README's Development section quotes its figures; the
+# goal is under 3 minutes for both together.
+#
+#   bash bench/newcomer.sh            # clones this repository's HEAD
+#   bash bench/newcomer.sh <repo>     # clones <repo> (a path or URL) instead
+#
+# Each command's time is split in two: its downloads (`go list -deps` of the
+# same packages, which fetches what the command would fetch first, and
+# builds nothing), then the command itself (building and running). The sum
+# is the newcomer's wait. IDEMPOTENCY_LONG is unset, as on a newcomer's
+# machine; redis-server and PostgreSQL should be installed (the tests that
+# need them skip without them, which would make the figures look better).
+# Go's own toolchain download is not counted: the local go must satisfy
+# go.work. Output: a table on stdout; the logs stay in $OUT (default a new
+# directory under ${TMPDIR:-/tmp}).
+set -euo pipefail
+
+src="${1:-$(cd "$(dirname "$0")/.." && pwd)}"
+OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/idempotency-newcomer.XXXXXX")}
+mkdir -p "$OUT"
+work="$(mktemp -d "${TMPDIR:-/tmp}/idempotency-newcomer-work.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+git clone -q "$src" "$work/repo"
+export GOMODCACHE="$work/gomodcache" GOCACHE="$work/gocache"
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-modcacherw" # so the trap can remove the module cache
+unset IDEMPOTENCY_LONG
+cd "$work/repo"
+
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+modules() { find "$GOMODCACHE/cache/download" -name '*.zip' 2>/dev/null | wc -l; }
+
+# step NAME GO-LIST-ARGS... -- COMMAND...: times the downloads (go list
+# with those arguments), then the command.
+step() {
+  local name="$1"; shift
+  local list=()
+  while [ "$1" != "--" ]; do list+=("$1"); shift; done
+  shift
+  local before t0 t1 t2
+  before=$(modules)
+  t0=$(now)
+  go list "${list[@]}" >/dev/null 2>"$OUT/$name.download.log"
+  t1=$(now)
+  if ! "$@" >"$OUT/$name.log" 2>&1; then
+    echo "$name: '$*' failed; see $OUT/$name.log" >&2
+    tail -20 "$OUT/$name.log" >&2
+    exit 1
+  fi
+  t2=$(now)
+  printf '| `%s` | %s | %s | %s | %s |\n' "$*" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" "$(secs "$t0" "$t2")" "$(( $(modules) - before ))"
+  total=$(awk -v a="$total" -v b="$(secs "$t0" "$t2")" 'BEGIN { printf "%.1f", a + b }')
+}
+
+echo "newcomer path on $(git log -1 --format='%h %cs'), $(go version | cut -d' ' -f3-4), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo '| command | downloads (s) | build and run (s) | total (s) | modules fetched |'
+echo '| --- | ---: | ---: | ---: | ---: |'
+total=0
+step demo -deps ./examples/payments -- go run ./examples/payments
+step test -deps -test work -- go test work
+echo
+echo "both commands: ${total} s ($(modules) modules, $(du -sh "$GOMODCACHE/cache/download" | cut -f1) of module downloads; build cache $(du -sh "$GOCACHE" | cut -f1)); logs in $OUT"
+awk -v t="$total" 'BEGIN { exit !(t < 180) }' && echo "under 3 minutes: yes" || echo "under 3 minutes: NO"
