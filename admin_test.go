@@ -79,7 +79,6 @@ func TestForgottenRecordIsNotWrittenBack(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			forEachBackend(t, func(t *testing.T, b *backend) {
-				t.Parallel() // a renewal's case waits out three leases
 				admin := b.store.(AdminStore)
 				b.realTime(t)
 				var fenced atomic.Int64
