@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -218,6 +219,65 @@ func TestReplicaAcksTakeBack(t *testing.T) {
 			}
 			if n := env.svc.Runs.Load(); n != 1 {
 				t.Fatalf("handler ran %d times, want 1", n)
+			}
+		})
+	}
+}
+
+// TestReplicaAcksOnRing verifies that on a redis.Ring the acknowledgement
+// is asked of the shard that holds the key. A Ring routes a keyless WAIT to
+// a random shard, so behind a claim on a shard without replicas it went,
+// about every other time, to a shard whose replica acknowledged it at once,
+// and the claim counted as replicated. Shard "lone" has no replica; shard
+// "paired" has a healthy one: every claim of a key on "lone" must be
+// refused, every claim on "paired" accepted; CheckConfig names the shard
+// without replicas (it used to ask one shard chosen at random).
+func TestReplicaAcksOnRing(t *testing.T) {
+	for _, binary := range ackServers {
+		t.Run(binary, func(t *testing.T) {
+			t.Parallel()
+			lone := func() *redisServer {
+				if binary == "valkey-server" {
+					return newValkeyServer(t)
+				}
+				return newRedisServer(t)
+			}()
+			p := startReplicaPair(t, binary, false)
+			ring := redis.NewRing(&redis.RingOptions{
+				Addrs:                 map[string]string{"lone": lone.Addr, "paired": p.master.Addr},
+				ContextTimeoutEnabled: true,
+			})
+			t.Cleanup(func() { ring.Close() })
+			prefix := "acks:" + t.Name() + ":"
+			store := NewRedisStore(ring, WithKeyPrefix(prefix), WithReplicaAcks(1, 100*time.Millisecond), WithRedisLogger(nil))
+			ctx := testCtx(t)
+			var onLone, onPaired int
+			for i := 0; onLone < 8 || onPaired < 4; i++ {
+				key := "k" + strconv.Itoa(i)
+				shard, err := ring.GetShardClientForKey(prefix + key)
+				if err != nil {
+					t.Fatal(err)
+				}
+				res, err := store.Claim(ctx, key, "owner", []byte("in progress"), time.Minute)
+				if shard.Options().Addr == lone.Addr {
+					onLone++
+					if !errors.Is(err, ErrNotReplicated) {
+						t.Fatalf("claim of %s on the shard without replicas: %+v, %v; want ErrNotReplicated", key, res, err)
+					}
+				} else {
+					onPaired++
+					if err != nil || !res.Claimed {
+						t.Fatalf("claim of %s on the shard with a replica: %+v, %v", key, res, err)
+					}
+				}
+			}
+			// CheckConfig asks every shard, not one chosen at random.
+			w := strings.Join(store.CheckConfig(ctx), "\n")
+			if want := "shard " + lone.Addr + " has 0 connected replicas"; !strings.Contains(w, want) {
+				t.Fatalf("CheckConfig: %q, want %q", w, want)
+			}
+			if strings.Contains(w, "shard "+p.master.Addr+" has") {
+				t.Fatalf("CheckConfig warns about the shard with a replica: %q", w)
 			}
 		})
 	}

@@ -100,8 +100,12 @@ func setAcks(option string, a acks) RedisOption {
 // guarantee that a failover keeps the write (see docs/RELIABILITY.md); it
 // closes the common gap of a master dying before its replica received the
 // last writes. While the replicas are unreachable every claim waits the
-// whole timeout, replays included. Renewals are not acknowledged: keep the
-// lease longer than a failover takes.
+// whole timeout, replays included. Renewals, releases and
+// [RedisStore.Delete] are not acknowledged: keep the lease longer than a
+// failover takes. It works on a *redis.Client, a Sentinel failover client,
+// a *redis.ClusterClient (the key's master) and a *redis.Ring (the key's
+// shard); another client's Pipeline must send all its commands down one
+// connection.
 //
 // go-redis resends a pipeline by itself after a read timeout or a reset
 // (MaxRetries). A resent claim finds the caller's own record and renews its
@@ -172,10 +176,18 @@ type masterForKey interface {
 	MasterForKey(ctx context.Context, key string) (*redis.Client, error)
 }
 
+// shardForKey is a redis.Ring, which routes a keyless WAIT to a random
+// shard: the pipeline must go to the key's own shard instead.
+type shardForKey interface {
+	GetShardClientForKey(key string) (*redis.Client, error)
+}
+
 // runAcked runs script on key and, with WithReplicaAcks or WithFsyncAcks,
 // pipelines the acknowledgement commands behind it on the same connection
-// (the key's master on Cluster). ackErr wraps ErrNotReplicated when too few
-// acknowledged.
+// (the key's master on Cluster, the key's shard on a Ring). Another
+// client's Pipeline must send its commands down one connection, as a
+// *redis.Client's and a Sentinel failover client's do. ackErr wraps
+// ErrNotReplicated when too few acknowledged.
 func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key string, args ...any) (cmd *redis.Cmd, ackErr error) {
 	if s.acks.none() {
 		return s.run(ctx, script, []string{key}, args...), nil
@@ -188,6 +200,14 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 		if err != nil {
 			cmd = redis.NewCmd(ctx)
 			cmd.SetErr(fmt.Errorf("finding the master of the key: %w", err))
+			return cmd, nil
+		}
+		p = m.Pipeline()
+	case shardForKey:
+		m, err := c.GetShardClientForKey(key)
+		if err != nil {
+			cmd = redis.NewCmd(ctx)
+			cmd.SetErr(fmt.Errorf("finding the shard of the key: %w", err))
 			return cmd, nil
 		}
 		p = m.Pipeline()

@@ -75,6 +75,10 @@ type configGetter interface {
 	Do(ctx context.Context, args ...any) *redis.Cmd
 }
 
+type shardIterator interface {
+	ForEachShard(ctx context.Context, fn func(ctx context.Context, client *redis.Client) error) error
+}
+
 type masterIterator interface {
 	ForEachMaster(ctx context.Context, fn func(ctx context.Context, client *redis.Client) error) error
 }
@@ -179,6 +183,10 @@ func (s *RedisStore) masterProblems(ctx context.Context) ([]string, error) {
 	case masterIterator:
 		err = c.ForEachMaster(ctx, func(ctx context.Context, m *redis.Client) error {
 			return check(ctx, m, "master "+m.Options().Addr)
+		})
+	case shardIterator: // a Ring: every shard is a master
+		err = c.ForEachShard(ctx, func(ctx context.Context, m *redis.Client) error {
+			return check(ctx, m, "shard "+m.Options().Addr)
 		})
 	case configGetter:
 		err = check(ctx, c, "the server")
