@@ -284,13 +284,25 @@ func TestCrashStormPostgres(t *testing.T) {
 // an answer.
 func TestCrashStormRedisContrast(t *testing.T) {
 	skipUnlessLong(t)
+	redisAddr := startRedisServer(t)
+	pg := pgtest.Start(t)
+	run := runCrashStorm(t, pg.DSN, 500, "--redis", redisAddr, "--lease", "2s", "--chaos-kill", "0.02")
+	if run.answered != run.keys {
+		t.Fatalf("%d of %d keys answered", run.answered, run.keys)
+	}
+}
+
+// startRedisServer starts a real redis-server on a free port for the rest
+// of the test and returns its address. It skips the test when redis-server
+// is not on PATH, and fails it instead when the CI variable is set.
+func startRedisServer(t *testing.T) string {
+	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal("redis-server is not on PATH and CI is set")
 		}
 		t.Skip("redis-server is not on PATH")
 	}
-	pg := pgtest.Start(t)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -314,8 +326,5 @@ func TestCrashStormRedisContrast(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	run := runCrashStorm(t, pg.DSN, 500, "--redis", redisAddr, "--lease", "2s", "--chaos-kill", "0.02")
-	if run.answered != run.keys {
-		t.Fatalf("%d of %d keys answered", run.answered, run.keys)
-	}
+	return redisAddr
 }

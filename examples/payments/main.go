@@ -7,6 +7,7 @@
 //	go run ./examples/payments [demo] [--redis ADDRS]
 //	go run ./examples/payments serve [--addr 127.0.0.1:50051] [--http-addr 127.0.0.1:8080] [--redis ADDRS] [--latency DURATION] [--metrics-addr 127.0.0.1:9464] [--local-cache N] [--quiet] [--bare]
 //	go run ./examples/payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
+//	go run ./examples/payments consume --redis ADDRS [--stream charges] [--group payments] [--consumer NAME] [--claim-idle 30s] [--postgres DSN]
 //	go run ./examples/payments inspect --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
 //	go run ./examples/payments forget --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
 //
@@ -62,6 +63,17 @@
 // charge, the key used and whether the answer was a replay. Without --key the
 // interceptor generates a key; pass it back with --key to repeat the call.
 //
+// consume charges the messages of a Redis stream (XADD charges '*'
+// account_id acct_1 amount_cents 1999 currency EUR [idempotency_key K]) as
+// a member of a consumer group, through idempotency.Do: once per message's
+// key (its idempotency_key field, or its id), however often the message is
+// delivered. A message is acknowledged (XACK) once charged or refused for
+// good; one left pending by a consumer that died is claimed (XAUTOCLAIM) by
+// another after --claim-idle, and its charge is made, or replayed if it was
+// made, with its key. With --postgres the charges and the idempotency
+// records are in Postgres and each charge commits with its outcome; without
+// it the records are in the stream's Redis and the charges in memory.
+//
 // inspect looks up the record of the key a client sent to a method (Charge
 // by default; with --scope when the server scopes keys), for the "my charge
 // is stuck in progress" ticket: its state (in_progress, completed or
@@ -114,6 +126,9 @@ const usageText = `Usage:
       for benchmarks: --quiet, --local-cache N, --bare (no interceptor)
   payments client [--addr 127.0.0.1:50051] [--account A] [--amount CENTS] [--currency EUR] [--key K]
       send one Charge through the client interceptor and print the outcome
+  payments consume --redis ADDRS [--stream charges] [--group payments] [--consumer NAME] [--claim-idle 30s] [--postgres DSN]
+      charge each message of a Redis stream once per key, as a consumer group member
+      (XREADGROUP, XACK; XAUTOCLAIM takes over a dead consumer's messages)
   payments inspect --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
       show the stored record of a key: state, age, TTL, code, size (exit 1 if none)
   payments forget --redis ADDRS --key K [--method /payments.v1.PaymentsService/Charge] [--scope S]
@@ -139,6 +154,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = serveCommand(ctx, args, stderr)
 	case "client":
 		err = clientCommand(ctx, args, stdout, stderr)
+	case "consume":
+		err = consumeCommand(ctx, args, stderr)
 	case "inspect":
 		err = inspectCommand(ctx, args, stdout, stderr)
 	case "forget":
