@@ -64,6 +64,8 @@ func TestConsumeCrashStorm(t *testing.T) {
 	defer logf.Close()
 
 	var outerKills, exits atomic.Int64
+	var exitMu sync.Mutex
+	exitErrs := map[string]int64{} // how consumers that were not killed from outside ended
 	var killing atomic.Bool
 	killing.Store(true)
 	done := make(chan struct{})
@@ -79,7 +81,8 @@ func TestConsumeCrashStorm(t *testing.T) {
 					return
 				}
 				exited := make(chan struct{})
-				go func() { _ = cmd.Wait(); close(exited) }()
+				var waitErr error
+				go func() { waitErr = cmd.Wait(); close(exited) }()
 				var kill <-chan time.Time
 				if killing.Load() {
 					kill = time.After(time.Duration(150+rand.IntN(750)) * time.Millisecond)
@@ -87,6 +90,9 @@ func TestConsumeCrashStorm(t *testing.T) {
 				select {
 				case <-exited:
 					exits.Add(1) // --chaos-kill, or a failure the log shows
+					exitMu.Lock()
+					exitErrs[fmt.Sprint(waitErr)]++
+					exitMu.Unlock()
 				case <-kill:
 					_ = cmd.Process.Signal(syscall.SIGKILL)
 					<-exited
@@ -213,13 +219,19 @@ func TestConsumeCrashStorm(t *testing.T) {
 		if strings.Contains(line, "chaos: SIGKILL at ") {
 			selfKills++
 		}
+		if strings.HasPrefix(line, "payments consume: ") {
+			t.Logf("a consumer failed: %s", line)
+		}
 	}
-	t.Logf("reliability: consumer storm: %d keys (%d messages with the producer's retries) fed in %v, drained after %v; SIGKILLs: %d from outside + %d self = %d (%d exits); %d messages taken over with XAUTOCLAIM; acknowledgements logged: %d executed, %d replayed; charge rows %d: duplicated keys %d, keys without a row %d, rows of unknown keys %d, acknowledgements naming another charge %d; in-progress records left %d",
-		keys, keys+(keys+9)/10, fed.Round(time.Millisecond), drained.Round(time.Millisecond), outerKills.Load(), selfKills, outerKills.Load()+int64(selfKills), exits.Load(),
+	t.Logf("reliability: consumer storm: %d keys (%d messages with the producer's retries) fed in %v, drained after %v; SIGKILLs: %d from outside + %d self = %d (%d exits: %v); %d messages taken over with XAUTOCLAIM; acknowledgements logged: %d executed, %d replayed; charge rows %d: duplicated keys %d, keys without a row %d, rows of unknown keys %d, acknowledgements naming another charge %d; in-progress records left %d",
+		keys, keys+(keys+9)/10, fed.Round(time.Millisecond), drained.Round(time.Millisecond), outerKills.Load(), selfKills, outerKills.Load()+int64(selfKills), exits.Load(), exitErrs,
 		claims, executedAcks, replayedAcks, total, duplicated, lost, unknown, wrongAnswers, inProgress)
 	if duplicated != 0 || lost != 0 || unknown != 0 || total != keys || wrongAnswers != 0 || inProgress != 0 {
 		t.Fatalf("exactly once broke: %d rows for %d keys, %d duplicated, %d lost, %d unknown, %d wrong answers, %d in progress",
 			total, keys, duplicated, lost, unknown, wrongAnswers, inProgress)
+	}
+	if failed := exits.Load() - exitErrs["signal: killed"]; failed != 0 {
+		t.Fatalf("%d consumers ended other than by a SIGKILL: %v", failed, exitErrs)
 	}
 	if claims == 0 {
 		t.Fatalf("no message was taken over with XAUTOCLAIM: the storm did not test it\n%s", tail(string(logs), 40))

@@ -43,11 +43,38 @@ func openBook(ctx context.Context, dsn string) (*pgBook, error) {
 	}
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, err := pool.Exec(pctx, chargesSchema); err != nil {
+	if err := withSchemaLock(pctx, pool, func() error {
+		_, err := pool.Exec(pctx, chargesSchema)
+		return err
+	}); err != nil {
 		pool.Close()
 		return nil, fmt.Errorf("postgres: creating the charges table: %w", err)
 	}
 	return &pgBook{pool: pool}, nil
+}
+
+// schemaLockID is the advisory lock that serialises the schema creation
+// of the example's processes.
+const schemaLockID = 0x7061796d656e7473 // "payments"
+
+// withSchemaLock runs fn, which creates tables, while holding a
+// session-level advisory lock: two processes that start at once (two
+// consumers, two servers) would otherwise both run CREATE TABLE IF NOT
+// EXISTS for one table, and one of them can fail with a unique violation
+// in Postgres's catalog (pg_type_typname_nsp_index).
+func withSchemaLock(ctx context.Context, pool *pgxpool.Pool, fn func() error) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1)`, int64(schemaLockID)); err != nil {
+		return err
+	}
+	defer func() {
+		_, _ = conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(schemaLockID))
+	}()
+	return fn()
 }
 
 func (b *pgBook) add(ctx context.Context, c *paymentsv1.Charge) error {
@@ -77,7 +104,7 @@ WHERE $1 = '' OR account_id = $1 ORDER BY created_at, id`, account)
 // openPostgresStore returns the transactional idempotency store on pool,
 // creating its table if needed, and runs its sweeper until ctx ends.
 func openPostgresStore(ctx context.Context, pool *pgxpool.Pool, logf func(format string, args ...any)) (*idempotencypg.Store, error) {
-	if err := idempotencypg.CreateSchema(ctx, pool); err != nil {
+	if err := withSchemaLock(ctx, pool, func() error { return idempotencypg.CreateSchema(ctx, pool) }); err != nil {
 		return nil, err
 	}
 	store, err := idempotencypg.New(ctx, pool)
