@@ -43,10 +43,7 @@ func openBook(ctx context.Context, dsn string) (*pgBook, error) {
 	}
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if err := withSchemaLock(pctx, pool, func() error {
-		_, err := pool.Exec(pctx, chargesSchema)
-		return err
-	}); err != nil {
+	if err := createSchema(pctx, pool, chargesSchema); err != nil {
 		pool.Close()
 		return nil, fmt.Errorf("postgres: creating the charges table: %w", err)
 	}
@@ -57,24 +54,21 @@ func openBook(ctx context.Context, dsn string) (*pgBook, error) {
 // of the example's processes.
 const schemaLockID = 0x7061796d656e7473 // "payments"
 
-// withSchemaLock runs fn, which creates tables, while holding a
-// session-level advisory lock: two processes that start at once (two
-// consumers, two servers) would otherwise both run CREATE TABLE IF NOT
-// EXISTS for one table, and one of them can fail with a unique violation
-// in Postgres's catalog (pg_type_typname_nsp_index).
-func withSchemaLock(ctx context.Context, pool *pgxpool.Pool, fn func() error) error {
-	conn, err := pool.Acquire(ctx)
-	if err != nil {
+// createSchema runs sql, which creates tables if they do not exist, in a
+// transaction that holds an advisory lock first: two processes that start
+// at once (two consumers, two servers) would otherwise both run CREATE
+// TABLE IF NOT EXISTS for one table, and one of them can fail with a unique
+// violation in Postgres's catalog (pg_type_typname_nsp_index). The lock
+// and the statements share one session, so a process killed meanwhile
+// releases the lock only once its statements are rolled back.
+func createSchema(ctx context.Context, pool *pgxpool.Pool, sql string) error {
+	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(schemaLockID)); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, sql)
 		return err
-	}
-	defer conn.Release()
-	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock($1)`, int64(schemaLockID)); err != nil {
-		return err
-	}
-	defer func() {
-		_, _ = conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1)`, int64(schemaLockID))
-	}()
-	return fn()
+	})
 }
 
 func (b *pgBook) add(ctx context.Context, c *paymentsv1.Charge) error {
@@ -104,8 +98,10 @@ WHERE $1 = '' OR account_id = $1 ORDER BY created_at, id`, account)
 // openPostgresStore returns the transactional idempotency store on pool,
 // creating its table if needed, and runs its sweeper until ctx ends.
 func openPostgresStore(ctx context.Context, pool *pgxpool.Pool, logf func(format string, args ...any)) (*idempotencypg.Store, error) {
-	if err := withSchemaLock(ctx, pool, func() error { return idempotencypg.CreateSchema(ctx, pool) }); err != nil {
-		return nil, err
+	// idempotencypg.CreateSchema(ctx, pool) would do, but for processes
+	// that start at once (see createSchema).
+	if err := createSchema(ctx, pool, idempotencypg.Schema()); err != nil {
+		return nil, fmt.Errorf("idempotencypg: create schema: %w", err)
 	}
 	store, err := idempotencypg.New(ctx, pool)
 	if err != nil {
