@@ -41,9 +41,7 @@ const (
 // pending), every message's key must have exactly one charge row, and
 // every acknowledgement a consumer logged for a key must name that row.
 func TestConsumeCrashStorm(t *testing.T) {
-	if os.Getenv("IDEMPOTENCY_LONG") == "" {
-		t.Skip("long test: set IDEMPOTENCY_LONG=1")
-	}
+	skipUnlessLong(t)
 	redisAddr := startRedisServer(t)
 	pg := pgtest.Start(t)
 	bin := exampleBinary(t)
