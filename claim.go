@@ -60,6 +60,7 @@ func (s *server) claim(ctx context.Context, c *call) (any, error) {
 			return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), err)
 		}
 		if res.Claimed {
+			c.fence = res.Fence
 			return s.execute(ctx, c)
 		}
 		rec, err := decodeRecord(res.Record)
@@ -73,6 +74,7 @@ func (s *server) claim(ctx context.Context, c *call) (any, error) {
 				return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method),
 					errors.New("idempotency: the TxStore's ClaimTx returned the caller's own claim without claiming it"))
 			}
+			c.fence = res.Fence
 			return s.execute(ctx, c)
 		}
 		if err == nil && rec.GetMethod() != c.method {

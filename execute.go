@@ -42,7 +42,7 @@ func (s *server) execute(ctx context.Context, c *call) (any, error) {
 			s.emit(ctx, c)
 		}
 	}()
-	r := c.x.Run(contextWithServerKey(ctx, c.key), true)
+	r := c.x.Run(contextWithOwner(ctx, c.key, c.fence), true)
 	panicked = false
 	resp, err := r.Response, r.Err
 

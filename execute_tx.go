@@ -24,7 +24,7 @@ func (s *server) executeTx(ctx context.Context, c *call) (any, error) {
 		_ = s.discard(ctx, c, nil)
 		return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), errClaimTooLate)
 	}
-	hctx, berr := c.ex.Begin(contextWithServerKey(ctx, c.key))
+	hctx, berr := c.ex.Begin(contextWithOwner(ctx, c.key, c.fence))
 	if berr != nil {
 		keeper.stop(true)
 		_ = s.discard(ctx, c, nil)

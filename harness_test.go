@@ -303,5 +303,6 @@ func rawRedisRecord(ctx context.Context, c redis.Cmdable, fullKey string) ([]byt
 	if err != nil {
 		return nil, err
 	}
-	return layoutRecord(v)
+	rec, _, err := layoutRecord(v)
+	return rec, err
 }

@@ -8,7 +8,9 @@ import (
 )
 
 // MemoryStore is a [Store] in process memory: goroutine-safe, with TTLs and
-// leases honoured. It suits tests and single-process servers; records do not
+// leases honoured. Its fences ([ClaimResult.Fence]) count the store's
+// claims, so they grow for every key and never repeat within the store's
+// life. It suits tests and single-process servers; records do not
 // survive a restart and are not shared between processes, so a fleet of
 // servers needs [RedisStore].
 type MemoryStore struct {
@@ -19,6 +21,9 @@ type MemoryStore struct {
 	queues map[time.Duration]*expiryQueue
 	order  []*expiryQueue // the queues, visited in turn
 	turn   int
+	// fences counts the claims: the fence of each claim is the next count,
+	// so it grows for every key, whatever happened to the key's entry.
+	fences uint64
 }
 
 type memEntry struct {
@@ -26,6 +31,7 @@ type memEntry struct {
 	doneBy  string // the token that completed the record
 	record  []byte // nil for a fence
 	fenced  string // the forgotten owner's token, for a fence (see Delete)
+	fence   uint64 // the owner's fencing token while in progress
 	expires time.Time
 }
 
@@ -161,17 +167,18 @@ func (s *MemoryStore) Claim(_ context.Context, key, token string, record []byte,
 	defer s.mu.Unlock()
 	if e := s.live(key); e != nil {
 		if e.record != nil {
-			return ClaimResult{Record: e.record, TTL: e.expires.Sub(s.now())}, nil
+			return ClaimResult{Record: e.record, TTL: e.expires.Sub(s.now()), Fence: e.fence}, nil
 		}
 		if e.fenced == token {
 			return ClaimResult{}, ErrLeaseLost
 		}
 	}
 	now := s.now()
-	e := &memEntry{token: token, record: bytes.Clone(record), expires: now.Add(lease)}
+	s.fences++
+	e := &memEntry{token: token, record: bytes.Clone(record), fence: s.fences, expires: now.Add(lease)}
 	s.entries[key] = e
 	s.track(key, e.expires, lease, now)
-	return ClaimResult{Claimed: true}, nil
+	return ClaimResult{Claimed: true, Fence: e.fence}, nil
 }
 
 // Renew implements [Store.Renew].

@@ -83,6 +83,44 @@ func contextWithServerKey(ctx context.Context, key string) context.Context {
 	return context.WithValue(ctx, serverKeyCtxKey{}, key)
 }
 
+type fenceCtxKey struct{}
+
+// FenceFromContext returns the fencing token of the call being handled, and
+// whether there is one: a number that the store gives each new owner of a
+// key, strictly greater than the one of every earlier owner of the same key,
+// including an owner whose lease ran out (a long GC pause, a stalled VM)
+// while a retry took the key over. It is set on the context of the handler
+// ([UnaryServerInterceptor], [Protocol.Handle]) and of [Do]'s function, for
+// the owner only, when the store gives fences (every store of this module
+// and the postgres module does).
+//
+// A lease cannot stop a paused owner from writing after it ended; the fence
+// lets the handler's own write refuse it. Keep the highest fence written on
+// the row and write only with a greater one:
+//
+//	UPDATE accounts SET balance = balance - $2, fence = $3
+//	 WHERE id = $1 AND fence < $3
+//
+// Zero rows updated means a newer owner of the key has written: the handler
+// returns an error and writes nothing. The fence orders the owners of one
+// key; rows written under several keys need a fence column per key, or the
+// write keyed on (key, fence). See the README's "Fencing a handler's
+// writes" for the guarantee of each store.
+func FenceFromContext(ctx context.Context) (uint64, bool) {
+	f, ok := ctx.Value(fenceCtxKey{}).(uint64)
+	return f, ok
+}
+
+// contextWithOwner returns the owner's context: the key, and the fence
+// when the store gave one.
+func contextWithOwner(ctx context.Context, key string, fence uint64) context.Context {
+	ctx = contextWithServerKey(ctx, key)
+	if fence != 0 {
+		ctx = context.WithValue(ctx, fenceCtxKey{}, fence)
+	}
+	return ctx
+}
+
 // Replayed reports whether a response header, as returned by the
 // grpc.Header call option, marks the response as a replay of a stored
 // outcome rather than a fresh execution.

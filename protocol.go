@@ -179,6 +179,8 @@ type call struct {
 	storeKey   string
 	fp         []byte
 	token      string
+	// fence is the claim's fencing token (0: the store gave none).
+	fence uint64
 	// inProgress is the encoded in-progress record the call claims with.
 	inProgress []byte
 	// claimSent is when the claim that won the key was sent, on the

@@ -3,6 +3,7 @@ package idempotency
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"testing"
 	"time"
@@ -113,31 +114,39 @@ func TestRedisLayout1RecordsStillWork(t *testing.T) {
 	}
 }
 
-// Every value the store writes is a layout-2 string that layoutRecord
-// reads back, and a token longer than the layout holds is refused before
-// anything is written.
-func TestRedisLayout2(t *testing.T) {
+// Every value the store writes is a layout-3 string that layoutRecord
+// reads back, the claim's fence in it, and a token longer than the layout
+// holds is refused before anything is written. A layout-2 value (no fence)
+// still reads.
+func TestRedisLayout3(t *testing.T) {
 	b := newMiniredisBackend(t)
 	ctx := context.Background()
 	rec := bytes.Repeat([]byte{0x08, 0x01}, 100)
-	if res, err := b.store.Claim(ctx, "k", "tok", rec, time.Minute); err != nil || !res.Claimed {
+	res, err := b.store.Claim(ctx, "k", "tok", rec, time.Minute)
+	if err != nil || !res.Claimed || res.Fence == 0 {
 		t.Fatalf("Claim = %+v, %v", res, err)
 	}
 	v, err := b.client.Get(ctx, b.prefix+"k").Result()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := "\x02I\x03tok"; v[:len(want)] != want {
+	if want := "\x03I\x03tok"; v[:len(want)] != want {
 		t.Fatalf("in-progress value starts %q, want %q", v[:len(want)], want)
 	}
-	if got, err := layoutRecord(v); err != nil || !bytes.Equal(got, rec) {
-		t.Fatalf("layoutRecord = %x, %v", got, err)
+	if got, fence, err := layoutRecord(v); err != nil || !bytes.Equal(got, rec) || fence != res.Fence {
+		t.Fatalf("layoutRecord = %x, fence %d, %v; want fence %d", got, fence, err, res.Fence)
+	}
+	if again, err := b.store.Claim(ctx, "k", "tok", rec, time.Minute); err != nil || again.Claimed || again.Fence != res.Fence {
+		t.Fatalf("the owner's repeated Claim = %+v, %v; want its fence %d", again, err, res.Fence)
 	}
 	if err := b.store.Complete(ctx, "k", "tok", []byte("final"), time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	if v := b.client.Get(ctx, b.prefix+"k").Val(); v != "\x02D\x03tokfinal" {
+	if v := b.client.Get(ctx, b.prefix+"k").Val(); v != "\x03D\x03tok\x00\x00\x00\x00\x00\x00\x00\x00final" {
 		t.Fatalf("completed value = %q", v)
+	}
+	if got, fence, err := layoutRecord("\x02I\x03tokrecord"); err != nil || string(got) != "record" || fence != 0 {
+		t.Fatalf("layoutRecord of a layout-2 value = %q, %d, %v", got, fence, err)
 	}
 	long := string(bytes.Repeat([]byte("t"), maxTokenLen+1))
 	if _, err := b.store.Claim(ctx, "long", long, rec, time.Minute); err == nil {
@@ -145,5 +154,48 @@ func TestRedisLayout2(t *testing.T) {
 	}
 	if err := b.client.Get(ctx, b.prefix+"long").Err(); !errors.Is(err, redis.Nil) {
 		t.Fatalf("a refused claim wrote the key: %v", err)
+	}
+}
+
+// A forget's fence keeps the forgotten owner's fence, so the next owner's
+// is greater even when the server's clock reads less (set back here with
+// miniredis): the fence of a deleted in-progress record never repeats.
+// Layout-2 values written by issue 14's version (no fence) keep working.
+func TestRedisFenceAcrossForget(t *testing.T) {
+	b := newMiniredisBackend(t)
+	ctx := context.Background()
+	const ahead = uint64(1) << 52 // far past the clock, in microseconds
+	v := []byte("\x03I\x03tok")
+	v = binary.BigEndian.AppendUint64(v, ahead)
+	v = append(v, "record"...)
+	if err := b.client.Set(ctx, b.prefix+"k", v, time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.store.(AdminStore).Delete(ctx, "k"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.store.Claim(ctx, "k", "tok", []byte("x"), time.Minute); !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Claim by the forgotten owner = %v, want ErrLeaseLost", err)
+	}
+	res, err := b.store.Claim(ctx, "k", "new", []byte("x"), time.Minute)
+	if err != nil || !res.Claimed || res.Fence != ahead+1 {
+		t.Fatalf("Claim over the fence = %+v, %v; want fence %d", res, err, ahead+1)
+	}
+
+	// Layout 2: a claim in progress, renewed, completed, replayed.
+	if err := b.client.Set(ctx, b.prefix+"old", "\x02I\x03tokin progress", time.Minute).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := b.store.Claim(ctx, "old", "other", []byte("x"), time.Minute); err != nil || res.Claimed || string(res.Record) != "in progress" || res.Fence != 0 {
+		t.Fatalf("Claim of a layout-2 claim = %+v, %v", res, err)
+	}
+	if err := b.store.Renew(ctx, "old", "tok", time.Minute); err != nil {
+		t.Fatalf("Renew of a layout-2 claim: %v", err)
+	}
+	if err := b.store.Complete(ctx, "old", "tok", []byte("final"), time.Hour); err != nil {
+		t.Fatalf("Complete of a layout-2 claim: %v", err)
+	}
+	if res, err := b.store.Claim(ctx, "old", "other", []byte("x"), time.Minute); err != nil || string(res.Record) != "final" {
+		t.Fatalf("replay = %+v, %v", res, err)
 	}
 }

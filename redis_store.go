@@ -143,7 +143,7 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 	}
 	cmd, ackErr := s.runAcked(ctx, claimScript, s.prefix+key, token, value, lease.Milliseconds())
 	reply, err := cmd.Result()
-	if err == nil && ackErr != nil && (reply == int64(1) || ownClaimReply(reply, token)) {
+	if err == nil && ackErr != nil && (claimedReply(reply) || ownClaimReply(reply, token)) {
 		// Claimed, or found our own claim (an earlier try of this call, its
 		// reply lost: go-redis retries a pipeline by itself), but a
 		// failover could lose the claim: free the key now (fenced by the
@@ -162,11 +162,14 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 		}
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: %w", err)
 	}
-	if reply == int64(1) {
-		return ClaimResult{Claimed: true}, nil
-	}
 	res, _ := reply.([]any)
 	switch {
+	case len(res) == 2 && res[0] == int64(1):
+		fence, _ := res[1].(int64)
+		if fence <= 0 {
+			return ClaimResult{}, fmt.Errorf("idempotency: redis claim: claimed with fence %v", res[1])
+		}
+		return ClaimResult{Claimed: true, Fence: uint64(fence)}, nil
 	case len(res) == 1 && res[0] == int64(2):
 		return ClaimResult{}, ErrLeaseLost
 	case len(res) != 3 && len(res) != 4:
@@ -177,8 +180,12 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 		return ClaimResult{}, fmt.Errorf("idempotency: redis claim: unexpected record type %T", res[1])
 	}
 	var out ClaimResult
-	if out.Record, err = s.replyRecord(key, rec, len(res) == 4); err != nil {
+	var fence uint64
+	if out.Record, fence, err = s.replyRecord(key, rec, len(res) == 4); err != nil {
 		return ClaimResult{}, err
+	}
+	if len(res) == 4 && rec[1] == stateInProgress {
+		out.Fence = fence
 	}
 	if ms, _ := res[2].(int64); ms > 0 {
 		out.TTL = time.Duration(ms) * time.Millisecond
@@ -186,8 +193,14 @@ func (s *RedisStore) Claim(ctx context.Context, key, token string, record []byte
 	return out, nil
 }
 
+// claimedReply reports whether reply, from claim.lua, says claimed.
+func claimedReply(reply any) bool {
+	res, _ := reply.([]any)
+	return len(res) == 2 && res[0] == int64(1)
+}
+
 // ownClaimReply reports whether reply, from claim.lua, is token's own
-// in-progress layout-2 record.
+// in-progress layout-2 or layout-3 record.
 func ownClaimReply(reply any, token string) bool {
 	res, _ := reply.([]any)
 	if len(res) != 4 {
@@ -195,7 +208,7 @@ func ownClaimReply(reply any, token string) bool {
 	}
 	v, _ := res[1].(string)
 	n := 3 + len(token)
-	return len(v) >= n && v[0] == layout2 && v[1] == stateInProgress && int(v[2]) == len(token) && v[3:n] == token
+	return len(v) >= n && (v[0] == layout2 || v[0] == layout3) && v[1] == stateInProgress && int(v[2]) == len(token) && v[3:n] == token
 }
 
 // Renew implements [Store.Renew].
@@ -364,25 +377,26 @@ func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration
 	}
 	rec, _ := res[0].(string)
 	ms, _ := res[1].(int64)
-	b, err := s.replyRecord(key, rec, len(res) == 4)
+	b, _, err := s.replyRecord(key, rec, len(res) == 4)
 	if err != nil {
 		return nil, 0, err
 	}
 	return b, time.Duration(ms) * time.Millisecond, nil
 }
 
-// replyRecord returns the record in a script's reply: the value itself for
-// a layout-1 record, the record inside a layout-2 value (see
-// redis_layout.go), which the scripts mark with a fourth reply element.
-func (s *RedisStore) replyRecord(key, value string, layout2 bool) ([]byte, error) {
-	if !layout2 {
-		return []byte(value), nil
+// replyRecord returns the record in a script's reply and its fence (see
+// layoutRecord): the value itself for a layout-1 record, the record inside
+// a layout-2 or layout-3 value (see redis_layout.go), which the scripts mark
+// with a fourth reply element.
+func (s *RedisStore) replyRecord(key, value string, layout bool) ([]byte, uint64, error) {
+	if !layout {
+		return []byte(value), 0, nil
 	}
-	b, err := layoutRecord(value)
+	b, fence, err := layoutRecord(value)
 	if err != nil {
-		return nil, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
+		return nil, 0, fmt.Errorf("%w (redis key %s%s)", err, s.prefix, key)
 	}
-	return b, nil
+	return b, fence, nil
 }
 
 // Delete implements [AdminStore.Delete]. Deleting an in-progress record

@@ -91,6 +91,15 @@ type ClaimResult struct {
 	// outlives the store's copy whatever the servers' clocks say; a record
 	// of unknown TTL is not cached.
 	TTL time.Duration
+	// Fence is the claim's fencing token when Claimed is true: a number
+	// that is strictly greater than the Fence of every earlier claim of the
+	// same key, whether the key was released, completed, deleted or its
+	// lease expired in between, so a write fenced on it refuses an owner
+	// whose lease ended (see [FenceFromContext]). When Claimed is false and
+	// Record is in progress, it is the Fence of Record's owner, so an owner
+	// whose claim reply was lost learns its fence again; 0 otherwise. A store
+	// that cannot give fences leaves it 0, and the handler then finds none.
+	Fence uint64
 }
 
 // StoreKey returns the store key of an idempotency key: the hex SHA-256 of

@@ -353,6 +353,40 @@ var rules = []rule{
 			r.t.Errorf("complete racing claims: %s", b)
 		}
 	}},
+	{"fences: every new owner of a key gets a greater fence", func(r *run) {
+		k := r.key(1)
+		last := uint64(0)
+		// next claims k with token and requires a fence above every earlier
+		// owner's.
+		next := func(step, token string, lease time.Duration) {
+			r.t.Helper()
+			res := r.claim(k, token, []byte("in progress of "+token), lease)
+			require.True(r.t, res.Claimed, "fences: %s: the claim by %s was refused (record %q)", step, token, res.Record)
+			require.NotZero(r.t, res.Fence, "fences: %s: a claim must give a fence (ClaimResult.Fence), got 0", step)
+			require.Greater(r.t, res.Fence, last, "fences: %s: the fence must be greater than the previous owner's", step)
+			last = res.Fence
+		}
+		next("the first claim", "first", longLease)
+		res := r.claim(k, "first", []byte("in progress of first"), longLease)
+		require.False(r.t, res.Claimed, "fences: a repeated claim by the owner claimed again")
+		require.Equal(r.t, last, res.Fence, "fences: the owner's repeated claim (its first reply lost) must return its fence")
+		require.NoError(r.t, r.h.Store.Release(r.ctx, k, "first"))
+		next("after a release", "second", shortLease)
+		r.pass(shortLease + slack)
+		next("a takeover after the lease expired", "third", shortLease)
+		r.pass(shortLease + slack)
+		next("the owner taking back its own expired key", "third", longLease)
+		require.NoError(r.t, r.h.Store.Complete(r.ctx, k, "third", []byte("final"), shortLease))
+		r.pass(shortLease + slack)
+		next("after the completed record expired", "fourth", longLease)
+		if a, ok := r.h.Store.(idempotency.AdminStore); ok {
+			require.NoError(r.t, a.Delete(r.ctx, k), "fences: AdminStore.Delete of an in-progress record")
+			next("after the owner's record was deleted", "fifth", longLease)
+			require.NoError(r.t, r.h.Store.Complete(r.ctx, k, "fifth", []byte("final"), time.Hour))
+			require.NoError(r.t, a.Delete(r.ctx, k), "fences: AdminStore.Delete of a completed record")
+			next("after the completed record was deleted", "sixth", longLease)
+		}
+	}},
 	{"AdminStore: get, delete, and forgetting fences the owner", func(r *run) {
 		a, ok := r.h.Store.(idempotency.AdminStore)
 		if !ok {

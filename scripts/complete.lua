@@ -1,7 +1,7 @@
 -- complete: store the final record of a key, if the token still owns it.
--- KEYS[1]  record key (layout 2, or a layout-1 hash: see claim.lua)
+-- KEYS[1]  record key (layout 3 or 2, or a layout-1 hash: see claim.lua)
 -- ARGV[1]  owner token
--- ARGV[2]  the completed value, in layout 2
+-- ARGV[2]  the completed value, in layout 3
 -- ARGV[3]  ttl in milliseconds
 -- Returns 1 when stored under the lease (or already stored by this token: a
 -- retried command whose first reply was lost), 2 when stored after the lease
@@ -22,7 +22,7 @@ if type(v) == 'table' then
 elseif v == '' and redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 2
-elseif string.byte(v, 1) == 2 then
+elseif string.byte(v, 1) == 2 or string.byte(v, 1) == 3 then
   state, tok = string.sub(v, 2, 2), string.sub(v, 4, 3 + (string.byte(v, 3) or 0))
 end
 if tok ~= ARGV[1] then

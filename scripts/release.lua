@@ -1,5 +1,5 @@
 -- release: delete an in-progress key owned by a token.
--- KEYS[1]  record key (layout 2, or a layout-1 hash: see claim.lua)
+-- KEYS[1]  record key (layout 3 or 2, or a layout-1 hash: see claim.lua)
 -- ARGV[1]  owner token
 -- Returns 1 when deleted, or when the key is already gone (the lease ended,
 -- or a retried release whose first reply was lost): either way nobody owns
@@ -15,7 +15,7 @@ if type(v) == 'table' then
   end
 elseif v == '' then
   return 1 - redis.call('EXISTS', KEYS[1])
-elseif not (string.byte(v, 1) == 2 and string.sub(v, 2, 2) == 'I'
+elseif not ((string.byte(v, 1) == 2 or string.byte(v, 1) == 3) and string.sub(v, 2, 2) == 'I'
     and string.sub(v, 4, 3 + (string.byte(v, 3) or 0)) == ARGV[1]) then
   return 0
 end

@@ -1,5 +1,5 @@
 -- renew: extend the lease of an in-progress key owned by a token.
--- KEYS[1]  record key (layout 2, or a layout-1 hash: see claim.lua)
+-- KEYS[1]  record key (layout 3 or 2, or a layout-1 hash: see claim.lua)
 -- ARGV[1]  owner token
 -- ARGV[2]  lease in milliseconds
 -- Returns 1 when renewed, 0 when the token no longer owns the key.
@@ -11,7 +11,7 @@ if type(v) == 'table' then
   if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then
     return 0
   end
-elseif not (string.byte(v, 1) == 2 and string.sub(v, 2, 2) == 'I'
+elseif not ((string.byte(v, 1) == 2 or string.byte(v, 1) == 3) and string.sub(v, 2, 2) == 'I'
     and string.sub(v, 4, 3 + (string.byte(v, 3) or 0)) == ARGV[1]) then
   return 0
 end
