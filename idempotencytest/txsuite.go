@@ -132,6 +132,28 @@ var txRules = []txRule{
 		require.NoError(r.t, next.Commit(r.ctx, []byte("final"), time.Hour))
 		r.writes("taken over: the new owner's write", 1)
 	}},
+	{"fences: ClaimTx gives a greater fence to every new owner, and the same to the owner's repeat", func(r *txRun) {
+		k := r.key(1)
+		res, ex, err := r.tx.Store.ClaimTx(r.ctx, k, "slow", []byte("in progress"), shortLease)
+		require.NoError(r.t, err, "fences: ClaimTx")
+		require.True(r.t, res.Claimed && ex != nil, "fences: ClaimTx of a free key did not claim it")
+		require.NotZero(r.t, res.Fence, "fences: ClaimTx must give a fence (ClaimResult.Fence), got 0")
+		again, ex2, err := r.tx.Store.ClaimTx(r.ctx, k, "slow", []byte("in progress"), shortLease)
+		require.NoError(r.t, err, "fences: the owner's repeated ClaimTx")
+		if again.Claimed {
+			require.Equal(r.t, res.Fence, again.Fence, "fences: the owner's repeated ClaimTx (its first reply lost) must keep its fence")
+			require.NoError(r.t, ex2.Discard(r.ctx, []byte("x"), time.Hour), "fences: Discard")
+			require.NoError(r.t, ex.Discard(r.ctx, []byte("x"), time.Hour), "fences: Discard")
+			return
+		}
+		r.pass(shortLease + slack)
+		next, nex, err := r.tx.Store.ClaimTx(r.ctx, k, "next", []byte("in progress"), longLease)
+		require.NoError(r.t, err, "fences: ClaimTx after the lease")
+		require.True(r.t, next.Claimed && nex != nil, "fences: ClaimTx after the lease did not claim")
+		require.Greater(r.t, next.Fence, res.Fence, "fences: the new owner's fence must be greater than the expired owner's")
+		r.lost("fences: Commit by the expired owner", ex.Commit(r.ctx, []byte("late"), time.Hour))
+		require.NoError(r.t, nex.Commit(r.ctx, []byte("final"), time.Hour))
+	}},
 	{"a commit after Forget writes nothing back", func(r *txRun) {
 		admin, ok := r.tx.Store.(idempotency.AdminStore)
 		if !ok {

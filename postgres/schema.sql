@@ -24,8 +24,21 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
     -- free (the session ended) and two thirds of its lease have passed
     -- since renewed_at (its process stopped renewing, which a live one does
     -- every third). A live owner whose session alone died keeps its key.
-    renewed_at timestamptz NOT NULL DEFAULT statement_timestamp()
+    renewed_at timestamptz NOT NULL DEFAULT statement_timestamp(),
+    -- The owner's fencing token (idempotency.FenceFromContext), from the
+    -- sequence below when the row is claimed, so it is greater for every
+    -- new owner of the key whatever was deleted since; kept in a fence and
+    -- in the completed row.
+    fence      bigint      NOT NULL DEFAULT 0
 );
+
+-- Fencing tokens. Never cycle it, and keep CACHE 1 (the default): a cached
+-- sequence hands each session its own range, out of order.
+CREATE SEQUENCE IF NOT EXISTS idempotency_records_fence_seq AS bigint NO CYCLE;
+
+-- A table created by an earlier version gains the newer columns.
+ALTER TABLE idempotency_records ADD COLUMN IF NOT EXISTS renewed_at timestamptz NOT NULL DEFAULT statement_timestamp();
+ALTER TABLE idempotency_records ADD COLUMN IF NOT EXISTS fence bigint NOT NULL DEFAULT 0;
 
 -- The sweeper deletes expired rows oldest first, in bounded batches.
 CREATE INDEX IF NOT EXISTS idempotency_records_expires_at_idx ON idempotency_records (expires_at);

@@ -32,8 +32,8 @@ const writeOutcome = `WITH c AS (
 )
 `
 
-func newStatements(table string) statements {
-	r := strings.NewReplacer("{table}", table)
+func newStatements(table, seq string) statements {
+	r := strings.NewReplacer("{table}", table, "{seq}", seq)
 	return statements{
 		// One statement. l takes the key's advisory lock for the length of
 		// the statement, if nobody holds it. An in-progress row whose owner
@@ -48,24 +48,28 @@ func newStatements(table string) statements {
 		// claim: RETURNING takes it (re-entrant, so it cannot fail while l
 		// holds it) only when the row was written with locked true. A key
 		// written by a concurrent claim after this statement's snapshot
-		// gives no row; the caller runs the statement again.
+		// gives no row; the caller runs the statement again. The fence of a
+		// takeover is drawn once the row is locked, after the previous
+		// owner's claim committed, so it is greater than that owner's.
 		claim: r.Replace(`WITH l AS (SELECT pg_try_advisory_xact_lock($5::bigint) AS free),
 c AS (
-  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at, renewed_at)
-  SELECT $1, 1, $2, $6::boolean AND l.free, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond', statement_timestamp() FROM l
+  INSERT INTO {table} AS r (key, state, token, locked, record, expires_at, renewed_at, fence)
+  SELECT $1, 1, $2, $6::boolean AND l.free, $3::bytea, statement_timestamp() + $4::bigint * interval '1 millisecond', statement_timestamp(), nextval('{seq}') FROM l
   ON CONFLICT (key) DO UPDATE
-  SET state = 1, token = excluded.token, locked = excluded.locked, record = excluded.record, expires_at = excluded.expires_at, renewed_at = excluded.renewed_at
+  SET state = 1, token = excluded.token, locked = excluded.locked, record = excluded.record, expires_at = excluded.expires_at, renewed_at = excluded.renewed_at,
+      fence = CASE WHEN r.state = 1 AND r.token = excluded.token AND r.expires_at > statement_timestamp() THEN r.fence ELSE nextval('{seq}') END
   WHERE r.expires_at <= statement_timestamp()
      OR (r.state = 3 AND r.token <> excluded.token)
      OR (r.state = 1 AND r.locked AND (SELECT free FROM l)
          AND statement_timestamp() >= r.renewed_at + (r.expires_at - r.renewed_at) * 2 / 3)
      OR ($6::boolean AND r.state = 1 AND r.token = excluded.token)
-  RETURNING CASE WHEN r.locked THEN pg_try_advisory_lock($5::bigint) ELSE false END AS locked
+  RETURNING CASE WHEN r.locked THEN pg_try_advisory_lock($5::bigint) ELSE false END AS locked, r.fence
 )
-SELECT 1, c.locked, NULL::bytea, 0::bigint FROM c
+SELECT 1, c.locked, NULL::bytea, 0::bigint, c.fence FROM c
 UNION ALL
 SELECT CASE WHEN r.state = 3 AND r.token = $2 THEN 3 ELSE 2 END, false, r.record,
-       ceil(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000)::bigint
+       ceil(extract(epoch FROM r.expires_at - statement_timestamp()) * 1000)::bigint,
+       CASE WHEN r.state = 1 THEN r.fence ELSE 0 END
 FROM {table} r WHERE r.key = $1 AND NOT EXISTS (SELECT 1 FROM c)`),
 
 		renew: r.Replace(`UPDATE {table} SET expires_at = statement_timestamp() + $3::bigint * interval '1 millisecond', renewed_at = statement_timestamp()

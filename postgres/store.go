@@ -55,10 +55,12 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts ...Option) (*Store, error
 	if maxConns < 2 {
 		return nil, fmt.Errorf("idempotencypg: New: a pool of %d connection(s) is too small: each call in flight holds one, and lease renewals need one more (set pool_max_conns to 2 or more)", maxConns)
 	}
-	s := &Store{pool: pool, table: o.table, sql: newStatements(o.table.Sanitize()), slots: make(chan struct{}, maxConns-1)}
+	seq := fenceSequence(o.table).Sanitize()
+	s := &Store{pool: pool, table: o.table, sql: newStatements(o.table.Sanitize(), seq), slots: make(chan struct{}, maxConns-1)}
 	var version int
-	var exists bool
-	err := pool.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, to_regclass($1) IS NOT NULL`, o.table.Sanitize()).Scan(&version, &exists)
+	var exists, sequence bool
+	err := pool.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, to_regclass($1) IS NOT NULL, to_regclass($2) IS NOT NULL`,
+		o.table.Sanitize(), seq).Scan(&version, &exists, &sequence)
 	if err != nil {
 		return nil, fmt.Errorf("idempotencypg: New: cannot reach the database: %w", err)
 	}
@@ -78,11 +80,14 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AN
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("idempotencypg: New: table %s lacks the columns %v: it was not made by this version's Schema(); apply the columns of schema.sql", o.table.Sanitize(), missing)
 	}
+	if !sequence {
+		return nil, fmt.Errorf("idempotencypg: New: the sequence %s of the fencing tokens does not exist: apply this version's Schema() (CreateSchema adds it)", seq)
+	}
 	return s, nil
 }
 
 // columns are the columns of schema.sql the statements use.
-var columns = []string{"key", "state", "token", "locked", "record", "expires_at", "renewed_at"}
+var columns = []string{"key", "state", "token", "locked", "record", "expires_at", "renewed_at", "fence"}
 
 // lockID is the advisory lock of key: 64 bits of the SHA-256 of the table
 // and the key. Two keys sharing one (a 2^-64 chance per pair) only lose the
@@ -134,10 +139,10 @@ func (s *Store) claim(ctx context.Context, q querier, key, token string, record 
 	}
 	for range attempts {
 		var outcome int
-		var ttl int64
+		var ttl, fence int64
 		var stored []byte
 		err = q.QueryRow(ctx, s.sql.claim, key, token, record, lease.Milliseconds(), s.lockID(key), keep).
-			Scan(&outcome, &locked, &stored, &ttl)
+			Scan(&outcome, &locked, &stored, &ttl, &fence)
 		if errors.Is(err, pgx.ErrNoRows) {
 			continue
 		}
@@ -146,14 +151,14 @@ func (s *Store) claim(ctx context.Context, q querier, key, token string, record 
 		}
 		switch outcome {
 		case claimTaken:
-			return idempotency.ClaimResult{Claimed: true}, locked, nil
+			return idempotency.ClaimResult{Claimed: true, Fence: uint64(fence)}, locked, nil
 		case claimFenced:
 			return res, false, idempotency.ErrLeaseLost
 		}
 		if stored == nil {
 			stored = []byte{} // a row without a record: the interceptor reports it corrupt
 		}
-		return idempotency.ClaimResult{Record: stored, TTL: time.Duration(max(ttl, 1)) * time.Millisecond}, false, nil
+		return idempotency.ClaimResult{Record: stored, TTL: time.Duration(max(ttl, 1)) * time.Millisecond, Fence: uint64(fence)}, false, nil
 	}
 	return res, false, fmt.Errorf("idempotencypg: claim: the key changed under %d attempts in a row", attempts)
 }

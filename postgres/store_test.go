@@ -41,7 +41,26 @@ func TestNewSaysWhatIsMissing(t *testing.T) {
 	_, err = pool.Exec(ctx, `CREATE TABLE `+old+` (key text PRIMARY KEY, state smallint, token text, locked boolean, record bytea, expires_at timestamptz)`)
 	require.NoError(t, err)
 	_, err = New(ctx, pool, WithTable(old))
-	require.ErrorContains(t, err, `table "`+old+`" lacks the columns [renewed_at]`)
+	require.ErrorContains(t, err, `table "`+old+`" lacks the columns [fence renewed_at]`)
+
+	// A table created before fencing tokens: New names what is missing,
+	// and CreateSchema adds it (the column and the sequence).
+	before := WithTable(fmt.Sprintf("before_fences_%d", tables.Add(1)))
+	require.NoError(t, CreateSchema(ctx, pool, before))
+	name := evaluate([]Option{before}).table
+	_, err = pool.Exec(ctx, `ALTER TABLE `+name.Sanitize()+` DROP COLUMN fence`)
+	require.NoError(t, err)
+	_, err = New(ctx, pool, before)
+	require.ErrorContains(t, err, "lacks the columns [fence]")
+	_, err = pool.Exec(ctx, `DROP SEQUENCE `+fenceSequence(name).Sanitize())
+	require.NoError(t, err)
+	require.NoError(t, CreateSchema(ctx, pool, before))
+	_, err = New(ctx, pool, before)
+	require.NoError(t, err, "New after CreateSchema added the fence column and sequence")
+	_, err = pool.Exec(ctx, `DROP SEQUENCE `+fenceSequence(name).Sanitize())
+	require.NoError(t, err)
+	_, err = New(ctx, pool, before)
+	require.ErrorContains(t, err, "the sequence")
 
 	one := pgtest.Shared(t).Pool(t, func(c *pgxpool.Config) { c.MaxConns = 1 })
 	_, err = New(ctx, one)
