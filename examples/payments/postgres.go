@@ -27,7 +27,14 @@ const chargesSchema = `CREATE TABLE IF NOT EXISTS charges (
     created_at      timestamptz NOT NULL,
     idempotency_key text
 );
-CREATE INDEX IF NOT EXISTS charges_account_idx ON charges (account_id, created_at);`
+CREATE INDEX IF NOT EXISTS charges_account_idx ON charges (account_id, created_at);
+-- The highest fence (idempotency.FenceFromContext) that charged, per key:
+-- a charge is written only with a greater one, so an owner whose lease ran
+-- out while a newer owner of the key charged charges nothing.
+CREATE TABLE IF NOT EXISTS charge_fences (
+    idempotency_key text   PRIMARY KEY,
+    fence           bigint NOT NULL
+);`
 
 // pgBook keeps the ledger's charges in the charges table. Each charge is
 // inserted in the call's transaction when the idempotency store is the
@@ -74,6 +81,19 @@ func createSchema(ctx context.Context, pool *pgxpool.Pool, sql string) error {
 func (b *pgBook) add(ctx context.Context, c *paymentsv1.Charge) error {
 	key, _ := idempotency.KeyFromContext(ctx)
 	return idempotencypg.InTx(ctx, b.pool, func(tx pgx.Tx) error {
+		if key, fence, ok := fenceOf(ctx); ok {
+			// The fenced write: it locks the key's row, so a stale owner
+			// and a newer one cannot both pass; the charge below commits
+			// with it or not at all.
+			tag, err := tx.Exec(ctx, `INSERT INTO charge_fences (idempotency_key, fence) VALUES ($1, $2)
+ON CONFLICT (idempotency_key) DO UPDATE SET fence = excluded.fence WHERE charge_fences.fence < excluded.fence`, key, int64(fence))
+			if err != nil {
+				return err
+			}
+			if tag.RowsAffected() == 0 {
+				return errStaleFence
+			}
+		}
 		_, err := tx.Exec(ctx, `INSERT INTO charges (id, account_id, amount_cents, currency, created_at, idempotency_key)
 VALUES ($1, $2, $3, $4, $5, NULLIF($6, ''))`, c.GetId(), c.GetAccountId(), c.GetAmountCents(), c.GetCurrency(), c.GetCreatedAt().AsTime(), key)
 		return err

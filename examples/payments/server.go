@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"path"
 	"regexp"
@@ -38,10 +39,24 @@ type ledger struct {
 	book *pgBook
 	// chaos, when set, may kill the process around a charge's write.
 	chaos *chaos
+	// hold, when set, runs just before a charge is written (tests: an
+	// owner paused past its lease).
+	hold func(ctx context.Context)
 
 	mu      sync.Mutex
 	charges []*paymentsv1.Charge
+	// fences is the highest fence that wrote a charge, per key (see
+	// errStaleFence).
+	fences map[string]uint64
 }
+
+// errStaleFence refuses the charge of an owner whose lease ran out while a
+// newer owner of the same key charged (a long GC pause, a stalled VM): the
+// newer owner's fence (idempotency.FenceFromContext) is greater, and a
+// charge is written only with a fence greater than every one written for
+// its key. Aborted: the caller retries and is answered with the newer
+// owner's stored outcome.
+var errStaleFence = status.Error(codes.Aborted, "a newer attempt with this idempotency key has charged: this one is stale and charged nothing")
 
 func newLedger(latency time.Duration) *ledger {
 	l := &ledger{}
@@ -86,15 +101,30 @@ func (l *ledger) Charge(ctx context.Context, req *paymentsv1.ChargeRequest) (*pa
 		Currency:    req.GetCurrency(),
 		CreatedAt:   timestamppb.Now(),
 	}
+	if l.hold != nil {
+		l.hold(ctx)
+	}
 	l.chaos.maybeKill("before-write")
 	if l.book != nil {
-		if err := l.book.add(ctx, c); err != nil {
+		if err := l.book.add(ctx, c); errors.Is(err, errStaleFence) {
+			return nil, errStaleFence
+		} else if err != nil {
 			return nil, status.Errorf(codes.Unavailable, "recording the charge: %v", err)
 		}
 		l.chaos.maybeKill("after-write")
 		return &paymentsv1.ChargeResponse{Charge: c}, nil
 	}
 	l.mu.Lock()
+	if key, fence, ok := fenceOf(ctx); ok {
+		if fence <= l.fences[key] {
+			l.mu.Unlock()
+			return nil, errStaleFence
+		}
+		if l.fences == nil {
+			l.fences = map[string]uint64{}
+		}
+		l.fences[key] = fence
+	}
 	l.charges = append(l.charges, c)
 	l.mu.Unlock()
 	l.chaos.maybeKill("after-write")
@@ -124,6 +154,14 @@ func (l *ledger) list(account string) []*paymentsv1.Charge {
 		}
 	}
 	return out
+}
+
+// fenceOf returns the call's idempotency key and its owner's fence, when
+// the call has both (a keyed call through the interceptor).
+func fenceOf(ctx context.Context) (key string, fence uint64, ok bool) {
+	key, hasKey := idempotency.KeyFromContext(ctx)
+	fence, hasFence := idempotency.FenceFromContext(ctx)
+	return key, fence, hasKey && hasFence
 }
 
 func newChargeID() string {
