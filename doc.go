@@ -50,4 +50,11 @@
 // connect-go (Connect, gRPC and gRPC-Web), and both write one record format,
 // so a key is one key whichever way calls arrive. REST clients reach the
 // gRPC interceptor through grpc-gateway with the gateway module.
+//
+// # Work that is not an RPC
+//
+// [Do] runs a function once per key through a [Protocol], for a queue
+// consumer's messages, webhook deliveries or scheduled jobs: the same
+// lease, fingerprint check, stored outcome and replay, with the refusals
+// above as its errors.
 package idempotency

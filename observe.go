@@ -85,7 +85,8 @@ const (
 // Event describes how the server interceptor handled one call. It is passed
 // to the observer set with [WithObserver].
 type Event struct {
-	// Method is the full gRPC method name.
+	// Method is the full gRPC method name, or the name of the work given
+	// to [Do].
 	Method string
 	// Outcome is what the interceptor did.
 	Outcome Outcome
