@@ -842,8 +842,8 @@ func BenchmarkCoalescing(b *testing.B) {
 // (extra-rtt/op). The acknowledgement rides in the script's pipeline, so
 // the round-trip count does not change; what it adds is the wait for the
 // replica (and the fsyncs). With appendfsync everysec a WAITAOF waits for
-// the next once-a-second fsync, about half a second per write: run that
-// case with a small -benchtime (e.g. 20x).
+// the replica's next once-a-second fsync, about a second per write
+// (BenchmarkFsyncAcks): run that case with a small -benchtime (e.g. 20x).
 func BenchmarkReplicaAcks(b *testing.B) {
 	aof := func(fsync string) []string { return []string{"--appendonly", "yes", "--appendfsync", fsync} }
 	setups := []struct {

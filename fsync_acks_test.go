@@ -263,3 +263,24 @@ func TestFsyncAcksWithReplicaTakeMilliseconds(t *testing.T) {
 		t.Fatalf("median claim with WithFsyncAcks(1) took %v (all: %v); want well under the replica's once-a-second acknowledgement", med, took)
 	}
 }
+
+// TestFsyncAcksWarnsOfSlowReplicaFsync verifies that the store says, once,
+// what makes WithFsyncAcks(1) slow when a replica runs appendfsync everysec
+// (each write then waits about a second for the replica's fsync), since a
+// master cannot report its replicas' settings to CheckConfig.
+func TestFsyncAcksWarnsOfSlowReplicaFsync(t *testing.T) {
+	pair := startReplicaPair(t, "valkey-server", false, "--appendonly", "yes", "--appendfsync", "everysec")
+	log, buf := bufferLogger()
+	c := redis.NewClient(&redis.Options{Addr: pair.master.Addr, ReadTimeout: 10 * time.Second, ContextTimeoutEnabled: true})
+	t.Cleanup(func() { c.Close() })
+	store := NewRedisStore(c, WithKeyPrefix("fsync:"+t.Name()+":"), WithFsyncAcks(1, 3*time.Second), WithRedisLogger(log))
+	ctx := testCtx(t)
+	for i := range 2 {
+		if res, err := store.Claim(ctx, fmt.Sprint("k", i), "owner", []byte("in progress"), time.Minute); err != nil || !res.Claimed {
+			t.Fatalf("claim %d: %+v, %v", i, res, err)
+		}
+	}
+	if n := strings.Count(buf.String(), "Set appendfsync always on the replicas"); n != 1 {
+		t.Fatalf("%d warnings about the replicas' appendfsync, want 1:\n%s", n, buf.String())
+	}
+}

@@ -10,7 +10,7 @@ import (
 
 // acks is what a RedisStore waits for after each claim and outcome write.
 type acks struct {
-	fsync    bool // WAITAOF 1 replicas timeout, instead of WAIT replicas timeout
+	fsync    bool // WAITAOF (behind a WAIT when replicas > 0), instead of WAIT
 	replicas int
 	timeout  time.Duration
 	option   string // the option that set it, for messages
@@ -32,9 +32,9 @@ func (a acks) maxWait() time.Duration {
 // For WAITAOF with replicas, a WAIT goes first. The master asks its
 // replicas for their offsets (REPLCONF GETACK) when a WAIT or WAITAOF
 // blocks, and sends that request in the same write as the script's
-// replicated effects; a replica answers it as soon as it reads it, before
-// the fsync that follows the write, and then acknowledges again only with
-// its once-a-second REPLCONF ACK. So a WAITAOF right behind the write waited
+// replicated effects; a replica that reads both at once answers with the
+// offset it had fsynced before the write, and then acknowledges again only
+// with its once-a-second REPLCONF ACK. So a WAITAOF right behind the write waited
 // about a second on Valkey 8.0.1 whatever the replica's appendfsync. The
 // WAIT returns once the replica has received the write; the WAITAOF's own
 // request then reaches a replica that, with appendfsync always, has fsynced
@@ -148,7 +148,8 @@ func WithReplicaAcks(replicas int, timeout time.Duration) RedisOption {
 // appendfsync costs nothing here (it fsyncs at once for a waiting WAITAOF).
 // A master cannot see its replicas' settings, so [RedisStore.CheckConfig]
 // cannot check this one: set it on every replica, and on every server a
-// failover can turn into one.
+// failover can turn into one. The store logs a warning, once, the first
+// time an acknowledged write took longer than half a second.
 //
 // It needs Redis 7.2 or later (or Valkey) with appendonly yes on every
 // master and on the replicas it counts. An older server, or appendonly no, refuses WAITAOF, so every claim
@@ -240,6 +241,7 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 		return c, w
 	}
 	var wait *redis.Cmd
+	start := time.Now()
 	if s.bounded || ctx.Done() == nil {
 		cmd, wait = both()
 	} else {
@@ -259,5 +261,17 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 	if cmd.Err() != nil {
 		return cmd, nil
 	}
-	return cmd, s.acks.check(wait)
+	ackErr = s.acks.check(wait)
+	if took := time.Since(start); ackErr == nil && s.acks.fsync && s.acks.replicas > 0 && took > slowFsync && s.logger != nil {
+		s.slowFsync.Do(func() {
+			s.logger.Warn(fmt.Sprintf("idempotency: redis store: a write acknowledged by WithFsyncAcks(%d) took %v: a replica with appendfsync everysec makes every write wait up to a second for its fsync. Set appendfsync always on the replicas (the master cannot report their setting)", s.acks.replicas, took.Round(time.Millisecond)),
+				"prefix", s.prefix)
+		})
+	}
+	return cmd, ackErr
 }
+
+// slowFsync is how long a write acknowledged with fsyncs may take before the
+// store warns, once, about the replicas' appendfsync: with always a write
+// takes milliseconds, with everysec about a second.
+const slowFsync = 500 * time.Millisecond

@@ -66,6 +66,8 @@ type RedisStore struct {
 	// store, so a hung Redis cannot hold a call past its deadline.
 	bounded bool
 	checked sync.Once
+	// slowFsync: the warning about a slow replica fsync, logged once.
+	slowFsync sync.Once
 	// acks: WithReplicaAcks or WithFsyncAcks (zero: no acknowledgements).
 	acks acks
 }
@@ -80,8 +82,9 @@ func WithKeyPrefix(prefix string) RedisOption {
 }
 
 // WithRedisLogger sets where the store logs, once, what
-// [RedisStore.CheckConfig] finds on first use. Default slog.Default(); nil
-// turns the check off.
+// [RedisStore.CheckConfig] finds on first use, and, once, a write that
+// [WithFsyncAcks] made wait more than half a second. Default
+// slog.Default(); nil turns both off.
 func WithRedisLogger(l *slog.Logger) RedisOption {
 	return func(s *RedisStore) { s.logger = l }
 }
