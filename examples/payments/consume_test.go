@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"testing"
@@ -138,6 +139,22 @@ func TestStreamConsumer(t *testing.T) {
 	} {
 		if !strings.Contains(out, line) {
 			t.Errorf("no log line with %q:\n%s", line, out)
+		}
+	}
+}
+
+// TestConsumeRefusesBadFlags: a claim-idle, lease or chaos probability that
+// cannot be honoured is refused before anything connects.
+func TestConsumeRefusesBadFlags(t *testing.T) {
+	for _, args := range [][]string{
+		{"--claim-idle", "0s"},
+		{"--lease", "1us"},
+		{"--chaos-kill", "1"},
+	} {
+		var stderr strings.Builder
+		code := run(testContext(t), append([]string{"consume", "--redis", "127.0.0.1:1"}, args...), io.Discard, &stderr)
+		if code != 1 || !strings.Contains(stderr.String(), args[0]) || strings.Contains(stderr.String(), "Redis at") {
+			t.Errorf("consume %v: exit %d, stderr %q; want 1 and a message naming %s", args, code, stderr.String(), args[0])
 		}
 	}
 }

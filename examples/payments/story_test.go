@@ -243,6 +243,8 @@ func TestUsage(t *testing.T) {
 		{[]string{"forget", "--redis", "127.0.0.1:1"}, 2},                      // no --key
 		{[]string{"inspect", "--redis", "127.0.0.1:1", "--key", "bad key"}, 2}, // not a valid key
 		{[]string{"inspect", "-h"}, 0},
+		{[]string{"consume"}, 2}, // no --redis: the stream lives in Redis
+		{[]string{"consume", "-h"}, 0},
 	} {
 		if code := run(testContext(t), tc.args, io.Discard, io.Discard); code != tc.code {
 			t.Errorf("run(%q) = %d, want %d", tc.args, code, tc.code)
