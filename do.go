@@ -36,7 +36,9 @@ import (
 // response, or its error when the error's code is stored, see
 // [WithStoredCodes]); a transient error, or a panic (which propagates),
 // releases the key so that the next delivery runs fn again. fn's context
-// carries the key ([KeyFromContext]) and, when p's store is a [TxStore], the
+// carries the key ([KeyFromContext]), the owner's fence
+// ([FenceFromContext]: a write fenced on it refuses a run whose lease ran
+// out while a redelivery took the key over) and, when p's store is a [TxStore], the
 // transaction fn's writes must use (e.g. the postgres module's Tx(ctx)):
 // they commit together with the outcome, or not at all. Every option of p
 // applies, except those that find the key and decide whether a call needs
