@@ -17,7 +17,9 @@ import (
 // the key is claimed, that connection's session also holds the key's
 // advisory lock until the outcome is committed or the key released, so a
 // claim that finds the key in progress while the lock is free knows the
-// owner's session is gone, and takes the key at once.
+// owner's session is gone. It takes the key before the lease ends only if
+// the owner has also stopped renewing (see the claim statement): a session
+// can die under a live owner, which keeps its key.
 func (s *Store) ClaimTx(ctx context.Context, key, token string, record []byte, lease time.Duration) (idempotency.ClaimResult, idempotency.Execution, error) {
 	// A slot first: the calls in flight never hold the pool's last
 	// connection, which their lease renewals need.

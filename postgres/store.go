@@ -23,8 +23,11 @@ import (
 //
 // Every claim is one statement; every lease and TTL is counted on the
 // database's clock. A claim held by a transactional call is also guarded
-// by a session advisory lock, so when the owner's process or connection
-// dies, the next retry takes the key at once rather than after the lease.
+// by a session advisory lock: when the owner's session is gone and the
+// owner has not renewed its lease for two thirds of it (its process died
+// too), the next retry takes the key then rather than at the lease's end.
+// An owner whose session alone died (an idle timeout, a dropped
+// connection) keeps renewing, and keeps its key.
 //
 // The pool needs a connection per call in flight (the handler's
 // transaction holds one for the whole call) plus one for lease renewals:
