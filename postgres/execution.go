@@ -59,8 +59,28 @@ type execution struct {
 // Begin implements [idempotency.Execution.Begin]. It sends nothing: BEGIN
 // goes out in front of the handler's first statement (see handlerTx).
 func (e *execution) Begin(ctx context.Context) (context.Context, error) {
-	e.tx = &handlerTx{conn: e.conn.Conn()}
+	e.tx = &handlerTx{conn: e.conn.Conn(), replace: e.replaceConn}
 	return context.WithValue(ctx, txKey{}, e.tx), nil
+}
+
+// replaceConn swaps the call's connection, whose session died before its
+// transaction began, for a new one from the pool (the call keeps its
+// slot). The new session does not hold the key's lock. The row still says
+// locked, which lets a claim take the key early only once the owner has
+// also stopped renewing, so nothing changes while this call lives; a crash
+// of it is noticed as before.
+func (e *execution) replaceConn(ctx context.Context) (*pgx.Conn, error) {
+	conn, err := e.s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	old := e.conn.Hijack()
+	e.conn = conn
+	e.locked, e.unlocked = false, true
+	cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = old.Close(cctx) // already closed: frees its resources
+	return conn.Conn(), nil
 }
 
 // Commit implements [idempotency.Execution.Commit]: the fenced outcome

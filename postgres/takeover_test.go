@@ -14,6 +14,7 @@ import (
 	"github.com/idempotency-grpc/idempotency/idempotencytest/testservice"
 	"github.com/idempotency-grpc/idempotency/postgres/pgtest"
 	testingv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/testing/v1"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -33,6 +34,10 @@ type twoServers struct {
 	charges string
 	svc     testservice.Service
 	noWrite bool
+	// before runs in the handler before its first statement.
+	before func()
+	// copyFirst writes the row with COPY (BEGIN on its own) instead.
+	copyFirst bool
 	// during runs in the handler after its insert and the external call
 	// began, with the PID of the call's database session.
 	during func(ctx context.Context, n int64, pid uint32)
@@ -55,7 +60,14 @@ func newTwoServers(t *testing.T, configA func(*pgxpool.Config), opts ...idempote
 		defer ts.running.Add(-1)
 		tx := Tx(ctx)
 		id := int64(0)
-		if !ts.noWrite {
+		if ts.before != nil {
+			ts.before()
+		}
+		if ts.copyFirst {
+			if _, err := tx.CopyFrom(ctx, pgx.Identifier{ts.charges}, []string{"amount"}, pgx.CopyFromRows([][]any{{req.GetAmount()}})); err != nil {
+				return nil, status.Errorf(codes.Internal, "copy: %v", err)
+			}
+		} else if !ts.noWrite {
 			if err := tx.QueryRow(ctx, `INSERT INTO `+ts.charges+` (amount) VALUES ($1) RETURNING id`, req.GetAmount()).Scan(&id); err != nil {
 				return nil, status.Errorf(codes.Internal, "insert: %v", err)
 			}
@@ -388,4 +400,43 @@ func TestTxTakeoverWhileTheFirstTransactionIsOpenCommitsOnce(t *testing.T) {
 		won[owners[0]]++
 	}
 	t.Logf("A committed %d keys, B %d", won["A"], won["B"])
+}
+
+// A session that dies before the handler's first statement (here
+// idle_session_timeout, 300ms, while the handler calls out for 1s first)
+// held nothing but the claim's lock: no transaction had begun. The
+// handler's transaction then begins on a new connection, and the call
+// commits as if nothing happened; a duplicate on B meanwhile is refused.
+func TestTxSessionDeadBeforeTheFirstStatementIsReplaced(t *testing.T) {
+	for _, first := range []string{"insert", "copy"} {
+		t.Run(first, func(t *testing.T) { testSessionDeadBeforeTheFirstStatement(t, first == "copy") })
+	}
+}
+
+func testSessionDeadBeforeTheFirstStatement(t *testing.T, copyFirst bool) {
+	ts := newTwoServers(t, func(c *pgxpool.Config) {
+		c.ConnConfig.RuntimeParams["idle_session_timeout"] = "300"
+	})
+	ts.copyFirst = copyFirst
+	waiting := make(chan struct{})
+	ts.before = func() {
+		close(waiting)
+		time.Sleep(time.Second) // the external call, before any write
+	}
+	ctx := testCtx(t)
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := ts.charge(ctx, ts.a, "idle-session")
+		done <- err
+	}()
+	<-waiting
+	time.Sleep(600 * time.Millisecond) // twice the idle timeout
+	_, _, err := ts.charge(ctx, ts.b, "idle-session")
+	require.Equal(t, codes.Aborted, status.Code(err), "the duplicate on B: %v", err)
+	require.NoError(t, <-done, "A's call")
+	_, h, err := ts.charge(ctx, ts.b, "idle-session")
+	require.NoError(t, err)
+	require.Equal(t, []string{"true"}, h.Get(idempotency.ReplayedHeader))
+	require.EqualValues(t, 1, ts.external.Load(), "external calls")
+	require.Equal(t, 1, ts.rows(t), "business rows")
 }

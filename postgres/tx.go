@@ -68,6 +68,9 @@ type handlerTx struct {
 	conn  *pgx.Conn
 	tx    pgx.Tx // nil until the first statement began it
 	ended atomic.Bool
+	// replace gives the call a new connection when its session died
+	// before the transaction began (nil: none is given).
+	replace func(ctx context.Context) (*pgx.Conn, error)
 }
 
 func (t *handlerTx) end() { t.ended.Store(true) }
@@ -93,19 +96,50 @@ func (t *handlerTx) send(ctx context.Context, queue func(b *pgx.Batch)) pgx.Batc
 		queue(b)
 		return t.tx.SendBatch(ctx, b)
 	}
-	b := &pgx.Batch{}
-	b.BeginTx(pgx.TxOptions{})
-	b.Queue(exemptIdle)
-	queue(b)
-	br := t.conn.SendBatch(ctx, b)
-	t.tx = br.Tx()
-	for range 2 { // BEGIN and exemptIdle
-		if _, err := br.Exec(); err != nil {
-			_ = br.Close()
-			return errBatch{err}
+	for try := 0; ; try++ {
+		b := &pgx.Batch{}
+		b.BeginTx(pgx.TxOptions{})
+		b.Queue(exemptIdle)
+		queue(b)
+		br := t.conn.SendBatch(ctx, b)
+		tx := br.Tx()
+		var err error
+		for range 2 { // BEGIN and exemptIdle
+			if _, err = br.Exec(); err != nil {
+				break
+			}
 		}
+		if err == nil {
+			t.tx = tx
+			return br
+		}
+		_ = br.Close()
+		if try == 0 && t.renewable() {
+			if err = t.renew(ctx); err == nil {
+				continue
+			}
+		}
+		t.tx = tx
+		return errBatch{err}
 	}
-	return br
+}
+
+// renewable reports whether the call's session is gone before its
+// transaction began. It then held nothing but the claim's lock (whatever
+// the failed batch began ended with it), so the transaction can begin on
+// a new connection: an idle_session_timeout, or a proxy that dropped the
+// idle connection while the handler called out, costs the call nothing.
+func (t *handlerTx) renewable() bool {
+	return t.tx == nil && t.replace != nil && t.conn.IsClosed()
+}
+
+func (t *handlerTx) renew(ctx context.Context) error {
+	conn, err := t.replace(ctx)
+	if err != nil {
+		return err
+	}
+	t.conn = conn
+	return nil
 }
 
 // exemptIdle exempts the call's transaction from the server's
@@ -126,7 +160,13 @@ func (t *handlerTx) begin(ctx context.Context) error {
 	if t.tx != nil {
 		return nil
 	}
-	tx, err := t.conn.BeginTx(ctx, pgx.TxOptions{BeginQuery: "BEGIN; " + exemptIdle}) // one round trip: simple protocol
+	begin := pgx.TxOptions{BeginQuery: "BEGIN; " + exemptIdle} // one round trip: simple protocol
+	tx, err := t.conn.BeginTx(ctx, begin)
+	if err != nil && t.renewable() {
+		if err = t.renew(ctx); err == nil {
+			tx, err = t.conn.BeginTx(ctx, begin)
+		}
+	}
 	if err != nil {
 		return err
 	}
