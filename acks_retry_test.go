@@ -91,6 +91,31 @@ func TestReplicaAcksStoreClaimRetriedByClient(t *testing.T) {
 	}
 }
 
+// TestReplicaAcksStoreCompleteRetriedByClient verifies the outcome write's
+// side of TestReplicaAcksStoreClaimRetriedByClient: with the replica frozen
+// and go-redis resending the [EVALSHA complete, WAIT] pipeline after each
+// read timeout, the resent complete.lua finds the record it completed and
+// rewrites its TTL, so every resend's WAIT waits too, and Complete reports
+// an error, never a stored and acknowledged outcome.
+func TestReplicaAcksStoreCompleteRetriedByClient(t *testing.T) {
+	for _, binary := range ackServers {
+		t.Run(binary, func(t *testing.T) {
+			t.Parallel()
+			p := startReplicaPair(t, binary, false)
+			c := retryingClient(t, p.master.Addr, 150*time.Millisecond)
+			store := NewRedisStore(c, WithKeyPrefix("acks:"+t.Name()+":"), WithReplicaAcks(1, 2*time.Second), WithRedisLogger(nil))
+			ctx := testCtx(t)
+			if res, err := store.Claim(ctx, "k", "owner", []byte("in progress"), time.Minute); err != nil || !res.Claimed {
+				t.Fatalf("claim: %+v, %v", res, err)
+			}
+			p.freeze(t)
+			if err := store.Complete(ctx, "k", "owner", []byte("final"), time.Hour); err == nil {
+				t.Fatal("Complete with the replica frozen returned nil: an outcome no replica holds was reported acknowledged")
+			}
+		})
+	}
+}
+
 // TestReplicaAcksOwnClaimNeedsAck verifies that Claim counts the caller's
 // own in-progress record (what a retried claim whose first reply was lost
 // finds) as claimed only when a replica acknowledged it: with the replica
