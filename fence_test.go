@@ -190,3 +190,39 @@ func TestFenceRefusesStaleOwner(t *testing.T) {
 		})
 	}
 }
+
+// TestFenceInHandlerContext checks the gRPC path on every store: the
+// handler of a keyed call finds its owner's fence in its context, and a
+// retry after a transient error (the key released) runs with a greater one.
+func TestFenceInHandlerContext(t *testing.T) {
+	forEachBackend(t, func(t *testing.T, b *backend) {
+		var mu sync.Mutex
+		var fences []uint64
+		svc := &testService{OnDo: func(ctx context.Context, req *testingv1.DoRequest, n int64) (*testingv1.DoResponse, error) {
+			fence, ok := FenceFromContext(ctx)
+			if !ok {
+				return nil, status.Error(codes.Internal, "no fence in the handler's context")
+			}
+			mu.Lock()
+			fences = append(fences, fence)
+			mu.Unlock()
+			if n == 1 {
+				return nil, status.Error(codes.Unavailable, "transient: the key is released")
+			}
+			return &testingv1.DoResponse{Execution: n}, nil
+		}}
+		env := newTestEnv(t, b.store, envConfig{svc: svc})
+		ctx := withKey(testCtx(t), "fenced")
+		if _, err := env.client.Do(ctx, &testingv1.DoRequest{}); status.Code(err) != codes.Unavailable {
+			t.Fatalf("first call: %v, want the handler's Unavailable", err)
+		}
+		if _, err := env.client.Do(ctx, &testingv1.DoRequest{}); err != nil {
+			t.Fatalf("retry: %v", err)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if len(fences) != 2 || fences[0] == 0 || fences[1] <= fences[0] {
+			t.Fatalf("the handlers' fences: %v; want two, nonzero, the retry's greater", fences)
+		}
+	})
+}
