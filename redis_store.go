@@ -41,7 +41,7 @@ var (
 )
 
 // RedisStore is a [Store] on Redis. Each record is one Redis string (its
-// state, its owner token and the encoded record; records written as hashes
+// state, its owner token, the owner's fence and the encoded record; records written as hashes
 // by earlier versions are still read and acted on), and each step (claim,
 // renew, complete, release) is one Lua script touching that one key, so it
 // is atomic, costs one round trip, and works unchanged on Redis Cluster. A

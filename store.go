@@ -29,9 +29,11 @@ import (
 type Store interface {
 	// Claim atomically claims key for a new execution, or returns what is
 	// stored under it. When key holds no record, Claim stores record with
-	// owner token and the lease, and returns Claimed true. Otherwise it
-	// returns the stored record (in progress or completed) and its remaining
-	// time to live, with Claimed false, and changes nothing. The interceptor
+	// owner token and the lease, and returns Claimed true with the claim's
+	// fence ([ClaimResult.Fence], greater than every earlier claim's of
+	// key). Otherwise it returns the stored record (in progress or
+	// completed) and its remaining time to live, with Claimed false, and
+	// changes nothing. The interceptor
 	// also calls Claim with the token it already holds, to take back a key
 	// whose lease ran out while nobody else claimed it; if token was fenced
 	// off by [AdminStore.Delete], Claim returns ErrLeaseLost instead.
