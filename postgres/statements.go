@@ -50,7 +50,9 @@ func newStatements(table, seq string) statements {
 		// written by a concurrent claim after this statement's snapshot
 		// gives no row; the caller runs the statement again. The fence of a
 		// takeover is drawn once the row is locked, after the previous
-		// owner's claim committed, so it is greater than that owner's.
+		// owner's claim committed, so it is greater than that owner's; a
+		// new row's is drawn just before it is inserted (see the README,
+		// "Fencing a handler's writes", for the one gap that leaves).
 		claim: r.Replace(`WITH l AS (SELECT pg_try_advisory_xact_lock($5::bigint) AS free),
 c AS (
   INSERT INTO {table} AS r (key, state, token, locked, record, expires_at, renewed_at, fence)
