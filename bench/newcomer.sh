@@ -15,8 +15,9 @@
 # machine; redis-server and PostgreSQL should be installed (the tests that
 # need them skip without them, which would make the figures look better).
 # Go's own toolchain download is not counted: the local go must satisfy
-# go.work. Output: a table on stdout; the logs stay in $OUT (default a new
-# directory under ${TMPDIR:-/tmp}).
+# go.work. Output: a table on stdout and in $OUT/summary.md, with the logs
+# ($OUT: default a new directory under ${TMPDIR:-/tmp}); the exit status is
+# 1 if a command failed.
 set -euo pipefail
 
 src="${1:-$(cd "$(dirname "$0")/.." && pwd)}"
@@ -33,7 +34,7 @@ cd "$work/repo"
 
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-modules() { find "$GOMODCACHE/cache/download" -name '*.zip' 2>/dev/null | wc -l; }
+modules() { [ -d "$GOMODCACHE/cache/download" ] && find "$GOMODCACHE/cache/download" -name '*.zip' | wc -l || echo 0; }
 
 # step NAME GO-LIST-ARGS... -- COMMAND...: times the downloads (go list
 # with those arguments), then the command.
@@ -47,23 +48,27 @@ step() {
   t0=$(now)
   go list "${list[@]}" >/dev/null 2>"$OUT/$name.download.log"
   t1=$(now)
+  local result=ok
   if ! "$@" >"$OUT/$name.log" 2>&1; then
-    echo "$name: '$*' failed; see $OUT/$name.log" >&2
-    tail -20 "$OUT/$name.log" >&2
-    exit 1
+    result="FAILED (see $OUT/$name.log)"; failed=1
   fi
   t2=$(now)
-  printf '| `%s` | %s | %s | %s | %s |\n' "$*" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" "$(secs "$t0" "$t2")" "$(( $(modules) - before ))"
+  printf '| `%s` | %s | %s | %s | %s | %s |\n' "$*" "$(secs "$t0" "$t1")" "$(secs "$t1" "$t2")" "$(secs "$t0" "$t2")" "$(( $(modules) - before ))" "$result" | tee -a "$OUT/summary.md"
   total=$(awk -v a="$total" -v b="$(secs "$t0" "$t2")" 'BEGIN { printf "%.1f", a + b }')
 }
 
-echo "newcomer path on $(git log -1 --format='%h %cs'), $(go version | cut -d' ' -f3-4), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo
-echo '| command | downloads (s) | build and run (s) | total (s) | modules fetched |'
-echo '| --- | ---: | ---: | ---: | ---: |'
-total=0
+{
+  echo "newcomer path on $(git log -1 --format='%h %cs'), $(go version | cut -d' ' -f3-4), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo
+  echo '| command | downloads (s) | build and run (s) | total (s) | modules fetched | result |'
+  echo '| --- | ---: | ---: | ---: | ---: | --- |'
+} | tee "$OUT/summary.md"
+total=0 failed=0
 step demo -deps ./examples/payments -- go run ./examples/payments
 step test -deps -test work -- go test work
-echo
-echo "both commands: ${total} s ($(modules) modules, $(du -sh "$GOMODCACHE/cache/download" | cut -f1) of module downloads; build cache $(du -sh "$GOCACHE" | cut -f1)); logs in $OUT"
-awk -v t="$total" 'BEGIN { exit !(t < 180) }' && echo "under 3 minutes: yes" || echo "under 3 minutes: NO"
+{
+  echo
+  echo "both commands: ${total} s, load afterwards $(cut -d' ' -f1-3 /proc/loadavg) ($(modules) modules, $(du -sh "$GOMODCACHE/cache/download" | cut -f1) of module downloads; build cache $(du -sh "$GOCACHE" | cut -f1)); logs in $OUT"
+  awk -v t="$total" 'BEGIN { exit !(t < 180) }' && echo "under 3 minutes: yes" || echo "under 3 minutes: NO"
+} | tee -a "$OUT/summary.md"
+exit "$failed"
