@@ -25,7 +25,7 @@ func (s *server) execute(ctx context.Context, c *call) (any, error) {
 	// The lease is kept until the outcome is written, so a write that must
 	// be retried (Redis briefly unreachable) does not let the lease end under
 	// it. A release stops it first: a key being freed needs no lease.
-	keeper := s.keepLease(c)
+	keeper := s.keepLease(c, true)
 	if keeper == nil {
 		// The claim's reply came back too late to trust its lease, which
 		// may have ended and let another call claim the key: free the

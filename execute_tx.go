@@ -17,13 +17,7 @@ import (
 // its own; a transient error, a panic or an unencodable outcome rolls back
 // and releases the key.
 func (s *server) executeTx(ctx context.Context, c *call) (any, error) {
-	keeper := s.keepLease(c)
-	if keeper == nil {
-		// The claim's reply came back too late to trust its lease (see
-		// execute): roll back and free the claim, run nothing.
-		_ = s.discard(ctx, c, nil)
-		return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), errClaimTooLate)
-	}
+	keeper := s.keepLease(c, false)
 	hctx, berr := c.ex.Begin(contextWithOwner(ctx, c.key, c.fence))
 	if berr != nil {
 		keeper.stop(true)

@@ -102,8 +102,9 @@ func newRenewer(store Store, lease time.Duration, hook func(string), clock lease
 	r.batch, _ = store.(BatchRenewer)
 	// A try that hangs ends after tryFor and is retried after at most
 	// maxBackoff: a sixteenth of the lease between two tries, whatever the
-	// store does.
-	r.tryFor = max(lease/32, time.Millisecond)
+	// store does. At least 100ms, so that a short lease on a busy store
+	// (under -race, a Postgres round trip) is not lost to its own deadline.
+	r.tryFor = max(lease/32, 100*time.Millisecond)
 	r.base = min(max(lease/64, time.Millisecond), 100*time.Millisecond)
 	r.maxBackoff = max(lease/32, r.base)
 	return r
@@ -134,13 +135,17 @@ type leaseKeeper struct {
 // when its claim was sent (the store started the lease after that). It
 // returns nil when the claim's reply came back so late that too little of
 // the lease may be left to renew it (an eighth: two of the renewer's retry
-// intervals): the caller must not run the handler.
-func (s *server) keepLease(c *call) *leaseKeeper {
-	return s.renewer.keep(c.storeKey, c.token, c.inProgress, c.claimSent)
+// intervals): the caller must not run the handler. A TxStore's claim is
+// never refused so (refuseLate false): the store may queue it before
+// sending it (the Postgres store waits for a connection), and its commit
+// is fenced in the handler's own transaction, so an owner whose lease
+// lapsed cannot commit a second execution.
+func (s *server) keepLease(c *call, refuseLate bool) *leaseKeeper {
+	return s.renewer.keep(c.storeKey, c.token, c.inProgress, c.claimSent, refuseLate)
 }
 
-func (r *renewer) keep(key, token string, record []byte, sent time.Time) *leaseKeeper {
-	if !r.clock.Now().Before(sent.Add(r.lease - r.lease/8)) {
+func (r *renewer) keep(key, token string, record []byte, sent time.Time, refuseLate bool) *leaseKeeper {
+	if refuseLate && !r.clock.Now().Before(sent.Add(r.lease-r.lease/8)) {
 		return nil
 	}
 	k := &leaseKeeper{r: r, key: key, token: token, record: record, heapIndex: -1, backoff: r.base}
@@ -215,7 +220,7 @@ func (r *renewer) nextDueLocked() (time.Time, bool) {
 }
 
 // takeDueLocked removes the leases of every slot that has begun and the
-// retries due by now, marks them in flight and reports each renewal to the
+// retries due by now (or within one base backoff of it), marks them in flight and reports each renewal to the
 // test hook as it begins. Callers hold r.mu.
 func (r *renewer) takeDueLocked(now time.Time) []*leaseKeeper {
 	var batch []*leaseKeeper
@@ -231,7 +236,9 @@ func (r *renewer) takeDueLocked(now time.Time) []*leaseKeeper {
 		}
 		delete(r.due, s)
 	}
-	for len(r.retries) > 0 && !r.retries[0].due.After(now) {
+	// Retries due within one base backoff go together, so retries filed
+	// at slightly different times do not each cost a round trip.
+	for len(r.retries) > 0 && !r.retries[0].due.After(now.Add(r.base)) {
 		batch = append(batch, heap.Pop(&r.retries).(*leaseKeeper))
 	}
 	r.inFlight += len(batch)

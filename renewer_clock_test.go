@@ -208,7 +208,7 @@ func keepFake(r *renewer, store *fakeRenewStore, prefix string, n int, sent time
 	for i := range ks {
 		key := fmt.Sprintf("%s-%d", prefix, i)
 		store.claimed(key, sent)
-		ks[i] = r.keep(key, "tok", nil, sent)
+		ks[i] = r.keep(key, "tok", nil, sent, true)
 	}
 	return ks
 }
@@ -410,7 +410,7 @@ func TestRenewalOf50000LeasesOnRedis(t *testing.T) {
 	r := newRenewer(store, lease, nil, nil)
 	ks := make([]*leaseKeeper, n)
 	for i, k := range keys {
-		ks[i] = r.keep(k, "tok", nil, sent)
+		ks[i] = r.keep(k, "tok", nil, sent, true)
 	}
 	waitUntil(t, "every lease is renewed", func() bool {
 		store.mu.Lock()

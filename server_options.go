@@ -141,8 +141,8 @@ func WithTTL(d time.Duration) Option {
 // WithLease sets the lease of an in-progress key. The interceptor renews it
 // a quarter of its length after the claim or the last renewal was sent,
 // while the handler runs; a renewal that fails, or gets no answer within
-// 1/32 of the lease, is retried, a new try at least every 1/16 of the
-// lease, so a slow handler keeps its key through a store outage (or a hung
+// 1/32 of the lease (at least 100ms), is retried, a new try at least every
+// 1/16 of the lease (100ms + 1/32 of it below 3.2s), so a slow handler keeps its key through a store outage (or a hung
 // store) that ends at least that long before the lease would; if the
 // server dies, the key frees itself when the lease ends and a retry runs the
 // handler again. Default [DefaultLease] (30s). Panics if d is below 1ms, the
