@@ -177,14 +177,26 @@ func (f *fakeRenewStore) RenewBatch(ctx context.Context, keys, tokens []string, 
 // try it sent has been filed, except those hung in the store.
 func waitRenewerIdle(t *testing.T, r *renewer, clock *fakeLeaseClock, store *fakeRenewStore) {
 	t.Helper()
-	waitUntil(t, "the renewer is idle", func() bool {
+	var state string
+	deadline := time.Now().Add(testTimeout)
+	for {
 		r.mu.Lock()
-		defer r.mu.Unlock()
-		asleep := !r.running || (r.sleepUntil.After(clock.Now()) && len(r.wake) == 0)
+		now := clock.Now()
+		asleep := !r.running || (r.sleepUntil.After(now) && len(r.wake) == 0)
 		store.mu.Lock()
-		defer store.mu.Unlock()
-		return asleep && r.inFlight == store.hanging
-	})
+		idle := asleep && r.inFlight == store.hanging
+		state = fmt.Sprintf("running %v, sleeping until %v (now %v), wake %d, in flight %d, hanging in the store %d, retries %d, slots %d",
+			r.running, r.sleepUntil.Sub(now), now, len(r.wake), r.inFlight, store.hanging, len(r.retries), len(r.due))
+		store.mu.Unlock()
+		r.mu.Unlock()
+		if idle {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the renewer is not idle after %v: %s", testTimeout, state)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // runRenewer advances the clock by step until it has moved by d, letting
