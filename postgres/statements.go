@@ -41,7 +41,7 @@ func newStatements(table, seq string) statements {
 		// lease ends only when the owner is known dead: that lock is free
 		// (its session is gone) and it has not renewed its lease for two
 		// thirds of it (its process is gone too: a live one renews every
-		// third). A session can die under a live process (an idle timeout,
+		// quarter, and retries a failed renewal within a sixteenth). A session can die under a live process (an idle timeout,
 		// a proxy dropping the connection); such an owner keeps renewing,
 		// and keeps its key until it answers. $6
 		// asks for the lock to be kept for the session of a transactional
