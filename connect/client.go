@@ -56,7 +56,10 @@ import (
 // error's Meta()) reports whether the server replayed a stored outcome.
 // [WithCallResult] reports the key, the attempts and the replay flag. The
 // request's header is left as the caller made it: a request value sent
-// again is a new logical call and gets a new key. To retry a call
+// again is a new logical call and gets a new key. Except after an attempt
+// cut off by its context (a deadline, a per-attempt timeout, a cancel):
+// net/http may still be reading that attempt's header, so the key is left
+// on the request, and the request sent again is a retry under that key. To retry a call
 // yourself, give it its key with idempotency.WithKey or in the header.
 //
 // Install it first (outermost) among the client's interceptors, before any
@@ -136,6 +139,11 @@ func (c *clientInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc 
 			resp  connect.AnyResponse
 			last  error // the last attempt's error, as connect-go returned it
 			added bool  // whether the request's header got the key from us
+			// cutOff: an attempt ended by its context. net/http may still be
+			// encoding that attempt's request header in a goroutine of its
+			// own after connect-go returned (seen under -race with HTTP/2),
+			// so the header map must not be written after it.
+			cutOff bool
 		)
 		invoke := func(actx context.Context, _ string, _, _ any, _ *grpc.ClientConn, opts ...grpc.CallOption) error {
 			if len(h.Values(c.header)) == 0 {
@@ -149,6 +157,9 @@ func (c *clientInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc 
 				}
 			}
 			resp, last = next(actx, req)
+			if last != nil && actx.Err() != nil {
+				cutOff = true
+			}
 			var header, trailer http.Header
 			if resp != nil {
 				header, trailer = resp.Header(), resp.Trailer()
@@ -170,9 +181,13 @@ func (c *clientInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc 
 			callOpts = append(callOpts, idempotency.CallResult(info))
 		}
 		err := c.core(ctx, spec.Procedure, req.Any(), nil, nil, invoke, callOpts...)
-		if added {
+		if added && !cutOff && ctx.Err() == nil {
 			// The key belongs to this logical call, not to the request
 			// value: sent again, the request is a new call with a new key.
+			// Not after an attempt was cut off by its context (see cutOff):
+			// the key then stays on the request, so sending it again is
+			// a retry of this call under its key, which is what a caller
+			// re-sending a timed-out request means anyway.
 			h.Del(c.header)
 		}
 		if err == nil {
