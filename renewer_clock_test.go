@@ -234,7 +234,7 @@ func TestRenewerTickOf50000Leases(t *testing.T) {
 	store := newFakeRenewStore(clock)
 	r := newRenewer(store, fakeLease, nil, clock)
 	n := 5000
-	if os.Getenv("IDEMPOTENCY_LONG") != "" {
+	if os.Getenv(longEnv) != "" {
 		n = 50000 // about 5 s, 20 s under -race
 	}
 	ks := keepFake(r, store, "k", n, clock.Now())
@@ -284,7 +284,7 @@ func TestRenewerSlowTickSkipsNoLease(t *testing.T) {
 	store.deaf, store.deafUntil = true, make(chan struct{})
 	defer close(store.deafUntil)
 	n := 2500
-	if os.Getenv("IDEMPOTENCY_LONG") != "" {
+	if os.Getenv(longEnv) != "" {
 		n = 25000
 	}
 	step := fakeLease / 96
@@ -393,9 +393,7 @@ func (s *timedRenewStore) RenewBatch(ctx context.Context, keys, tokens []string,
 // renews them all, are each renewed before a third of the lease has passed,
 // counted from the send of the claim to the reply of the renewal.
 func TestRenewalOf50000LeasesOnRedis(t *testing.T) {
-	if os.Getenv("IDEMPOTENCY_LONG") == "" {
-		t.Skip("long test: set IDEMPOTENCY_LONG=1")
-	}
+	skipUnlessLong(t)
 	srv := newRedisServer(t)
 	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { rdb.Close() })

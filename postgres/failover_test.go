@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -52,9 +51,7 @@ import (
 // With a synchronous standby every figure is asserted zero; with an
 // asynchronous one they are measured and logged.
 func TestStormPrimaryFailover(t *testing.T) {
-	if os.Getenv("IDEMPOTENCY_LONG") == "" {
-		t.Skip("long test: set IDEMPOTENCY_LONG=1")
-	}
+	skipUnlessLong(t)
 	for _, tc := range []struct {
 		name          string
 		sync, lagging bool
@@ -390,9 +387,7 @@ func (p *linkProxy) close() {
 // makes it a write that waits for the standby like any commit), until the
 // caller's deadline; only reads (Get) answer.
 func TestSyncStandbyDownClaimsWait(t *testing.T) {
-	if os.Getenv("IDEMPOTENCY_LONG") == "" {
-		t.Skip("long test: set IDEMPOTENCY_LONG=1")
-	}
+	skipUnlessLong(t)
 	primary := pgtest.StartPrimary(t)
 	standby := primary.StartStandby(t, "")
 	primary.SyncStandby(t)

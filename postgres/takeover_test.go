@@ -3,7 +3,6 @@ package idempotencypg
 import (
 	"context"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -124,6 +123,17 @@ func (ts *twoServers) rows(t *testing.T) int {
 }
 
 // sessionGone waits until the backend pid has exited.
+// terminateSession ends the backend pid (as an idle timeout or a proxy
+// dropping the connection would) and waits until it is gone.
+func terminateSession(t *testing.T, pool *pgxpool.Pool, pid uint32) {
+	t.Helper()
+	var ok bool
+	if err := pool.QueryRow(context.Background(), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok); err != nil || !ok {
+		t.Errorf("terminate %d: %v %v", pid, ok, err)
+	}
+	sessionGone(t, pool, pid)
+}
+
 func sessionGone(t *testing.T, pool *pgxpool.Pool, pid uint32) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
@@ -193,11 +203,7 @@ func TestTxLiveOwnerWhoseSessionDiedKeepsItsKey(t *testing.T) {
 	killed := make(chan struct{})
 	ts.during = func(_ context.Context, n int64, pid uint32) {
 		if n == 1 {
-			var ok bool
-			if err := ts.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok); err != nil || !ok {
-				t.Errorf("terminate %d: %v %v", pid, ok, err)
-			}
-			sessionGone(t, ts.pool, pid)
+			terminateSession(t, ts.pool, pid)
 			close(killed)
 			<-release
 		}
@@ -232,11 +238,7 @@ func TestTxSessionDeathWithoutWritesStillStoresTheOutcome(t *testing.T) {
 	ts := newTwoServers(t, nil)
 	ts.noWrite = true
 	ts.during = func(_ context.Context, n int64, pid uint32) {
-		var ok bool
-		if err := ts.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok); err != nil || !ok {
-			t.Errorf("terminate %d: %v %v", pid, ok, err)
-		}
-		sessionGone(t, ts.pool, pid)
+		terminateSession(t, ts.pool, pid)
 	}
 	ctx := testCtx(t)
 	first, _, err := ts.charge(ctx, ts.a, "no-writes")
@@ -253,19 +255,13 @@ func TestTxSessionDeathWithoutWritesStillStoresTheOutcome(t *testing.T) {
 // gone, while B tries the key every 50ms for 4.5s (past one and a half
 // leases). B must never run it.
 func TestTxLiveOwnerWhoseSessionDiedKeepsItsKeyAcrossRenewals(t *testing.T) {
-	if os.Getenv("IDEMPOTENCY_LONG") == "" {
-		t.Skip("long test: set IDEMPOTENCY_LONG=1")
-	}
+	skipUnlessLong(t)
 	ts := newTwoServers(t, nil, idempotency.WithLease(3*time.Second))
 	release, unblock := gate(t)
 	killed := make(chan struct{})
 	ts.during = func(_ context.Context, n int64, pid uint32) {
 		if n == 1 {
-			var ok bool
-			if err := ts.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend($1)`, int64(pid)).Scan(&ok); err != nil || !ok {
-				t.Errorf("terminate %d: %v %v", pid, ok, err)
-			}
-			sessionGone(t, ts.pool, pid)
+			terminateSession(t, ts.pool, pid)
 			close(killed)
 			<-release
 		}
