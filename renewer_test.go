@@ -51,25 +51,8 @@ func TestRenewerBatchesTheLeasesOfAllCalls(t *testing.T) {
 			var renewals atomic.Int64
 			o := WithLease(300 * time.Millisecond)
 			srv := newServer(store, []Option{o, func(o *options) { o.renewHook = func(string) { renewals.Add(1) } }})
-			icpt := srv.intercept
 			const calls = 100
-			release := make(chan struct{})
-			var entered atomic.Int64
-			handler := func(ctx context.Context, req any) (any, error) {
-				entered.Add(1)
-				<-release
-				return &testingv1.DoResponse{}, nil
-			}
-			var wg sync.WaitGroup
-			for i := range calls {
-				wg.Go(func() {
-					ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("idempotency-key", fmt.Sprintf("renew-%d", i)))
-					if _, err := icpt(ctx, &testingv1.DoRequest{}, &grpc.UnaryServerInfo{FullMethod: "/t/Do"}, handler); err != nil {
-						t.Error(err)
-					}
-				})
-			}
-			waitUntil(t, "every call runs", func() bool { return entered.Load() == calls })
+			release := holdCalls(t, srv, "renew", calls)
 			// Each lease renewed twice, at least (every 100 ms).
 			waitUntil(t, "two renewals of every lease", func() bool { return renewals.Load() >= 2*calls })
 			counter.mu.Lock()
@@ -81,8 +64,7 @@ func TestRenewerBatchesTheLeasesOfAllCalls(t *testing.T) {
 			if !batched && largest != 0 {
 				t.Errorf("RenewBatch was called on a store that is not a BatchRenewer")
 			}
-			close(release)
-			wg.Wait()
+			release()
 			waitUntil(t, "the renewer's goroutine ends with the last lease", func() bool {
 				srv.renewer.mu.Lock()
 				defer srv.renewer.mu.Unlock()
@@ -101,29 +83,40 @@ func TestRenewalBatchesAreCapped(t *testing.T) {
 	// with 1,000 calls under -race on a busy machine.
 	srv := newServer(counter, []Option{WithLease(3 * time.Second), func(o *options) { o.renewHook = func(string) { renewals.Add(1) } }})
 	const calls = 1000
-	release := make(chan struct{})
+	release := holdCalls(t, srv, "cap", calls)
+	waitUntil(t, "two renewals of every lease", func() bool { return renewals.Load() >= 2*calls })
+	release()
+	counter.mu.Lock()
+	defer counter.mu.Unlock()
+	if counter.largest > 256 || counter.batches < 2*calls/256 {
+		t.Fatalf("%d renewal batches, the largest of %d keys; want at most 256 keys each", counter.batches, counter.largest)
+	}
+}
+
+// holdCalls starts n keyed calls (keys prefix-0 ... prefix-n-1) through srv's
+// interceptor and waits until every handler runs; each handler then waits.
+// release lets them return and waits for the calls to end.
+func holdCalls(t *testing.T, srv *server, prefix string, n int) (release func()) {
+	t.Helper()
+	gate := make(chan struct{})
 	var entered atomic.Int64
 	handler := func(ctx context.Context, req any) (any, error) {
 		entered.Add(1)
-		<-release
+		<-gate
 		return &testingv1.DoResponse{}, nil
 	}
 	var wg sync.WaitGroup
-	for i := range calls {
+	for i := range n {
 		wg.Go(func() {
-			ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("idempotency-key", fmt.Sprintf("cap-%d", i)))
+			ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs("idempotency-key", fmt.Sprintf("%s-%d", prefix, i)))
 			if _, err := srv.intercept(ctx, &testingv1.DoRequest{}, &grpc.UnaryServerInfo{FullMethod: "/t/Do"}, handler); err != nil {
 				t.Error(err)
 			}
 		})
 	}
-	waitUntil(t, "every call runs", func() bool { return entered.Load() == calls })
-	waitUntil(t, "two renewals of every lease", func() bool { return renewals.Load() >= 2*calls })
-	close(release)
-	wg.Wait()
-	counter.mu.Lock()
-	defer counter.mu.Unlock()
-	if counter.largest > 256 || counter.batches < 2*calls/256 {
-		t.Fatalf("%d renewal batches, the largest of %d keys; want at most 256 keys each", counter.batches, counter.largest)
+	waitUntil(t, "every call runs", func() bool { return entered.Load() == int64(n) })
+	return func() {
+		close(gate)
+		wg.Wait()
 	}
 }
