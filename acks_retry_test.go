@@ -240,15 +240,7 @@ func TestReplicaAcksTakeBack(t *testing.T) {
 			case <-ctx.Done():
 				t.Fatal("the keeper never took the key back")
 			}
-			_, err := env.client.Do(ctx, &testingv1.DoRequest{Id: "a"})
-			wantStatus(t, err, codes.Aborted, ReasonInProgress)
-			close(release)
-			if err := <-first; err != nil {
-				t.Fatalf("first call: %v", err)
-			}
-			if n := env.svc.Runs.Load(); n != 1 {
-				t.Fatalf("handler ran %d times, want 1", n)
-			}
+			wantInProgressThenOnce(ctx, t, env, release, first)
 		})
 	}
 }

@@ -153,15 +153,7 @@ func TestLeaseSurvivesOutageOfTwoRenewals(t *testing.T) {
 		}
 		// Past the end of the lease the outage would have lost.
 		time.Sleep(time.Until(renewed.Add(lease + lease/5)))
-		_, err := env.client.Do(ctx, &testingv1.DoRequest{Id: "a"})
-		wantStatus(t, err, codes.Aborted, ReasonInProgress)
-		close(release)
-		if err := <-first; err != nil {
-			t.Fatalf("first call: %v", err)
-		}
-		if n := env.svc.Runs.Load(); n != 1 {
-			t.Fatalf("handler ran %d times, want 1", n)
-		}
+		wantInProgressThenOnce(ctx, t, env, release, first)
 	})
 }
 
@@ -374,4 +366,21 @@ func TestLostReleaseReplyIsNotLeaseLost(t *testing.T) {
 			t.Fatalf("the key is still held after the release")
 		}
 	})
+}
+
+// wantInProgressThenOnce checks that a repeat of the held first call (its
+// handler waiting on release, its error to come on first) is refused as in
+// progress, then lets the first call end and checks that it succeeded and
+// the handler ran once.
+func wantInProgressThenOnce(ctx context.Context, t *testing.T, env *testEnv, release chan struct{}, first <-chan error) {
+	t.Helper()
+	_, err := env.client.Do(ctx, &testingv1.DoRequest{Id: "a"})
+	wantStatus(t, err, codes.Aborted, ReasonInProgress)
+	close(release)
+	if err := <-first; err != nil {
+		t.Fatalf("first call: %v", err)
+	}
+	if n := env.svc.Runs.Load(); n != 1 {
+		t.Fatalf("handler ran %d times, want 1", n)
+	}
 }
