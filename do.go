@@ -91,7 +91,7 @@ func Do[Resp proto.Message](ctx context.Context, p *Protocol, name, key string, 
 		err = s.fail(ctx, c, OutcomeKeyInvalid, errKeyInvalid(name, "key", kerr), nil)
 	} else {
 		c.key = key
-		out, err = s.handleKey(ctx, c, req)
+		out, err = s.handle(ctx, c, req)
 	}
 	resp, _ = out.(Resp)
 	return resp, x.replayed, err

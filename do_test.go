@@ -313,10 +313,12 @@ func TestDoLeaseRenewed(t *testing.T) {
 // TestDoTxStore runs Do over a TxStore: fn's write is in the store's
 // transaction and commits with the outcome, once per key; a failed commit
 // keeps nothing fn wrote and tells the caller (OUTCOME_NOT_COMMITTED) to
-// try again, which then runs fn; a nil response commits nothing.
+// try again, which then runs fn; a nil response commits nothing, and its
+// event reports the Internal the caller got.
 func TestDoTxStore(t *testing.T) {
 	store := newMemTxStore()
-	p := NewProtocol(store)
+	events := newEventLog()
+	p := NewProtocol(store, WithObserver(events.observe))
 	ctx := testCtx(t)
 	runs := 0
 	fn := func(ctx context.Context) (*testingv1.DoResponse, error) {
@@ -354,6 +356,9 @@ func TestDoTxStore(t *testing.T) {
 	wantStatus(t, err, codes.Internal, ReasonInternal)
 	if n := store.writes(); n != 2 {
 		t.Fatalf("%d committed writes after a nil response, want still 2", n)
+	}
+	if e, ok := events.last(OutcomeNotStored); !ok || e.Code != codes.Internal {
+		t.Fatalf("not_stored event %+v (found %v), want code Internal, as the caller got", e, ok)
 	}
 }
 

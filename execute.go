@@ -1,5 +1,6 @@
-// The owner's steps: run the handler, then store its outcome or release
-// the key.
+// Step 5 of a call (see handle.go), for the key's owner: run the handler,
+// then store its outcome or free the key. One skeleton serves every store;
+// what a TxStore does differently is in execute_tx.go.
 
 package idempotency
 
@@ -16,83 +17,189 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
-// execute runs the handler as the key's owner and stores or releases its
-// outcome.
+// execute runs the handler as the key's owner, under a lease kept until its
+// outcome is written, and ends the run with settle, also when the handler
+// panics (the panic then goes on). With a TxStore the handler runs inside
+// the store's transaction, which commits with the outcome (see [TxStore]).
 func (s *server) execute(ctx context.Context, c *call) (any, error) {
+	keeper, hctx, err := s.own(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	defer s.settlePanic(ctx, c, keeper)
+	// The result is kept in c rather than in this frame, which is on the
+	// stack while the handler runs.
+	c.result = c.x.Run(hctx, true)
+	c.ran = true
+	return s.settle(ctx, c, keeper, &c.result)
+}
+
+// settlePanic settles the run of a handler that panicked (the panic goes
+// on), and does nothing when it returned.
+func (s *server) settlePanic(ctx context.Context, c *call, keeper *leaseKeeper) {
+	if !c.ran {
+		s.settle(ctx, c, keeper, nil)
+	}
+}
+
+// own starts the owner's run: it registers the lease with the renewer and,
+// with a TxStore, begins the transaction. It returns the lease keeper and
+// the handler's context, or the refusal of a call that must not run.
+//
+//go:noinline
+func (s *server) own(ctx context.Context, c *call) (*leaseKeeper, context.Context, error) {
 	if c.ex != nil {
-		return s.executeTx(ctx, c)
+		return s.ownTx(ctx, c)
 	}
 	// The lease is kept until the outcome is written, so a write that must
-	// be retried (Redis briefly unreachable) does not let the lease end under
-	// it. A release stops it first: a key being freed needs no lease.
+	// be retried (Redis briefly unreachable) does not let the lease end
+	// under it.
 	keeper := s.keepLease(c, true)
 	if keeper == nil {
 		// The claim's reply came back too late to trust its lease, which
 		// may have ended and let another call claim the key: free the
 		// claim if it is still ours (fenced by the token), run nothing.
-		c.ev.Err = s.finish(ctx, c, nil)
-		return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), errClaimTooLate)
+		_ = s.release(ctx, c)
+		return nil, nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), errClaimTooLate)
 	}
-	panicked := true
-	defer func() {
-		if panicked {
-			keeper.stop(true)
-			c.ev.Outcome, c.ev.Code = OutcomePanicked, codes.Internal
-			c.ev.Err = s.finish(ctx, c, nil)
-			s.emit(ctx, c)
-		}
-	}()
-	r := c.x.Run(contextWithOwner(ctx, c.key, c.fence), true)
-	panicked = false
-	resp, err := r.Response, r.Err
+	return keeper, contextWithOwner(ctx, c.key, c.fence), nil
+}
 
-	st := r.finalStatus()
-	c.ev.Code = st.Code()
-	if !s.o.storeOutcome(st.Code()) {
+// settle ends an owner's run, r (nil when the handler panicked): judge
+// decides how it ended, then settle does what that outcome calls for,
+// stops the lease keeper, reports the call and returns what the client
+// gets. The table:
+//
+//	the run                 outcome (Event)   the key                       the client gets
+//	panicked                panicked          freed                         the panic
+//	code not stored         released          freed                         the handler's answer
+//	outcome not encodable   not_stored        freed                         the handler's answer ¹
+//	record forgotten        lease_lost        left as it is ²               the handler's answer ²
+//	otherwise               executed,         outcome stored ³              the handler's answer ⁴
+//	                        too_large
+//
+// Freeing the key stops the keeper first (a key being freed needs no
+// lease); storing stops it once the write is done, so a write that is
+// retried keeps its lease. With a TxStore, freeing the key and storing an
+// error roll the handler's writes back, and:
+//
+//  1. a response that cannot be stored is refused (Internal): what the
+//     handler wrote to make it is gone;
+//  2. a forgotten run rolls back and frees the key (rolled_back), and the
+//     client is told to retry (Unavailable, NOT_COMMITTED);
+//  3. a response commits with the handler's writes (Commit);
+//  4. a response that did not commit is refused (Unavailable,
+//     NOT_COMMITTED; rolled_back or commit_unknown), see txWriteFailed.
+//
+// A write that fails reports lease_lost, not_stored or not_replicated
+// (outcomeOfStoreErr) and the client still gets the handler's answer.
+func (s *server) settle(ctx context.Context, c *call, keeper *leaseKeeper, r *Result) (any, error) {
+	rec, final := s.judge(c, keeper, r)
+	var refuse error
+	switch c.ev.Outcome {
+	case OutcomePanicked, OutcomeReleased, OutcomeNotStored:
 		keeper.stop(true)
-		c.ev.Outcome = OutcomeReleased
-		if ferr := s.finish(ctx, c, nil); ferr != nil {
-			c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
+		err := s.release(ctx, c)
+		switch {
+		case c.ev.Outcome == OutcomePanicked:
+			c.ev.Err = err
+		case c.ev.Outcome == OutcomeReleased && err != nil:
+			c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(err), err
+		case c.ev.Outcome == OutcomeNotStored && c.ex != nil && c.ev.Code == codes.OK:
+			c.ev.Code, refuse = codes.Internal, errEncodeRecord(c.method)
 		}
-		s.emit(ctx, c)
-		return resp, err
-	}
-	rec, final, outcome, rerr := s.finalRecord(c, &r, st)
-	if rerr != nil {
-		// The outcome cannot be stored (e.g. a non-protobuf response): free
-		// the key rather than leave it stuck in progress.
-		keeper.stop(true)
-		c.ev.Outcome, c.ev.Err = OutcomeNotStored, rerr
-		_ = s.finish(ctx, c, nil)
-		s.emit(ctx, c)
-		return resp, err
-	}
-	if keeper.wasForgotten() {
-		// An operator deleted the record while the handler ran (Forget):
-		// it must not come back.
+	case OutcomeLeaseLost, OutcomeRolledBack:
 		keeper.stop(false)
-		c.ev.Outcome, c.ev.Err = OutcomeLeaseLost, errForgotten
-		s.emit(ctx, c)
-		return resp, err
-	}
-	c.ev.Outcome = outcome
-	written := s.o.now()
-	ferr := s.finish(ctx, c, rec)
-	keeper.stop(false)
-	if ferr != nil {
-		c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
-	} else {
-		c.final = final
-		if s.cache != nil {
-			// Counted from before the write, so never past the store's
-			// own expiry.
-			s.cache.put(c.storeKey, final, written, s.o.ttl)
+		if c.ex != nil {
+			_ = s.release(ctx, c)
+			refuse = errNotCommitted(c.method, false)
+		}
+	default: // OutcomeExecuted, OutcomeTooLarge
+		written := s.o.now()
+		err := s.write(ctx, c, rec)
+		keeper.stop(false)
+		switch {
+		case err == nil:
+			c.final = final
+			if s.cache != nil {
+				// Counted from before the write, so never past the store's
+				// own expiry.
+				s.cache.put(c.storeKey, final, written, s.o.ttl)
+			}
+		case c.ex != nil && c.ev.Code == codes.OK:
+			refuse = s.txWriteFailed(ctx, c, err)
+		default:
+			c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(err), err
 		}
 	}
 	s.emit(ctx, c)
-	return resp, err
+	switch {
+	case r == nil:
+		return nil, nil // the panic goes on
+	case refuse != nil:
+		return nil, c.x.Refuse(refuse)
+	}
+	return r.Response, r.Err
 }
 
+// judge decides how the owner's run r ended (nil: the handler panicked),
+// the first column of settle's table: it sets the Event's outcome, code
+// and error, and returns the record to store and its decoded form when
+// there is one.
+func (s *server) judge(c *call, keeper *leaseKeeper, r *Result) ([]byte, *idempotencyv1.Record) {
+	if r == nil {
+		c.ev.Outcome, c.ev.Code = OutcomePanicked, codes.Internal
+		return nil, nil
+	}
+	st := r.finalStatus()
+	c.ev.Code = st.Code()
+	if !s.o.storeOutcome(st.Code()) {
+		c.ev.Outcome = OutcomeReleased
+		return nil, nil
+	}
+	rec, final, outcome, err := s.finalRecord(c, r, st)
+	switch {
+	case err != nil:
+		// e.g. a response that is not a protobuf message.
+		c.ev.Outcome, c.ev.Err = OutcomeNotStored, err
+	case keeper.wasForgotten():
+		// An operator deleted the record while the handler ran (Forget):
+		// it must not come back.
+		c.ev.Outcome, c.ev.Err = OutcomeLeaseLost, errForgotten
+		if c.ex != nil {
+			c.ev.Outcome, c.ev.Code = OutcomeRolledBack, codes.Unavailable
+		}
+	default:
+		c.ev.Outcome = outcome
+	}
+	return rec, final
+}
+
+// write stores rec as the key's outcome: Complete (finish); with a
+// TxStore, Commit in the handler's transaction for a response, or, for an
+// error, Discard with rec: the handler's writes are rolled back and the
+// error is the outcome.
+func (s *server) write(ctx context.Context, c *call, rec []byte) error {
+	switch {
+	case c.ex == nil:
+		return s.finish(ctx, c, rec)
+	case c.ev.Code == codes.OK:
+		return s.commit(ctx, c, rec)
+	}
+	return s.discard(ctx, c, rec)
+}
+
+// release frees the key: Release (finish without a record); with a
+// TxStore, Discard without one, which also rolls the handler's writes
+// back.
+func (s *server) release(ctx context.Context, c *call) error {
+	if c.ex == nil {
+		return s.finish(ctx, c, nil)
+	}
+	return s.discard(ctx, c, nil)
+}
+
+// outcomeOfStoreErr is the outcome of a write of the outcome that failed.
 func outcomeOfStoreErr(err error) Outcome {
 	if errors.Is(err, ErrLeaseLost) {
 		return OutcomeLeaseLost

@@ -1,5 +1,6 @@
-// The owner's steps with a TxStore: run the handler inside the store's
-// transaction, and commit the outcome in it or roll everything back.
+// What a TxStore's owner does differently (see execute.go): the handler
+// runs inside the store's transaction, and its outcome commits in it or
+// everything rolls back.
 
 package idempotency
 
@@ -11,104 +12,37 @@ import (
 	"google.golang.org/grpc/codes"
 )
 
-// executeTx runs the handler as the key's owner inside c.ex's transaction.
-// The client gets the handler's response only once it committed with the
-// outcome; a stored error rolls the handler's writes back and is stored on
-// its own; a transient error, a panic or an unencodable outcome rolls back
-// and releases the key.
-func (s *server) executeTx(ctx context.Context, c *call) (any, error) {
+// ownTx starts an owner's run with a TxStore: the lease keeper, then the
+// transaction the handler runs in (Execution.Begin). A claim that answered
+// late is not refused (see keepLease): the commit is fenced in the
+// transaction itself.
+func (s *server) ownTx(ctx context.Context, c *call) (*leaseKeeper, context.Context, error) {
 	keeper := s.keepLease(c, false)
-	hctx, berr := c.ex.Begin(contextWithOwner(ctx, c.key, c.fence))
-	if berr != nil {
+	hctx, err := c.ex.Begin(contextWithOwner(ctx, c.key, c.fence))
+	if err != nil {
 		keeper.stop(true)
-		_ = s.discard(ctx, c, nil)
-		return nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), berr)
+		_ = s.release(ctx, c)
+		return nil, nil, s.fail(ctx, c, OutcomeStoreUnavailable, errStoreUnavailable(c.method), err)
 	}
-	panicked := true
-	defer func() {
-		if panicked {
-			keeper.stop(true)
-			c.ev.Outcome, c.ev.Code = OutcomePanicked, codes.Internal
-			c.ev.Err = s.discard(ctx, c, nil)
-			s.emit(ctx, c)
-		}
-	}()
-	r := c.x.Run(hctx, true)
-	panicked = false
-	resp, err := r.Response, r.Err
+	return keeper, hctx, nil
+}
 
-	st := r.finalStatus()
-	c.ev.Code = st.Code()
-	if !s.o.storeOutcome(st.Code()) {
-		keeper.stop(true)
-		c.ev.Outcome = OutcomeReleased
-		if ferr := s.discard(ctx, c, nil); ferr != nil {
-			c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
-		}
-		s.emit(ctx, c)
-		return resp, err
+// txWriteFailed reports a TxStore's response that did not commit, err
+// saying why, and returns the refusal the client gets instead: nothing
+// the handler wrote was kept (or, for ErrCommitUnknown, it is unknown), so
+// the client is told to retry.
+func (s *server) txWriteFailed(ctx context.Context, c *call, err error) error {
+	if errors.Is(err, ErrCommitUnknown) {
+		c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeCommitUnknown, err, codes.Unavailable
+		return errNotCommitted(c.method, true)
 	}
-	rec, final, outcome, rerr := s.finalRecord(c, &r, st)
-	if rerr != nil {
-		// The outcome cannot be stored (e.g. a non-protobuf response): roll
-		// back and free the key. A response must not reach the client, since
-		// what the handler wrote to make it is gone.
-		keeper.stop(true)
-		c.ev.Outcome, c.ev.Err = OutcomeNotStored, rerr
-		_ = s.discard(ctx, c, nil)
-		s.emit(ctx, c)
-		if st.Code() == codes.OK {
-			c.ev.Code = codes.Internal
-			return nil, c.x.Refuse(errEncodeRecord(c.method))
-		}
-		return resp, err
+	c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeRolledBack, err, codes.Unavailable
+	if !errors.Is(err, ErrLeaseLost) {
+		// Free the claim so the retry runs at once rather than after the
+		// lease.
+		_ = s.finish(ctx, c, nil)
 	}
-	if keeper.wasForgotten() {
-		// An operator deleted the record while the handler ran (Forget):
-		// nothing of this run may come back, its writes included.
-		keeper.stop(false)
-		_ = s.discard(ctx, c, nil)
-		c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeRolledBack, errForgotten, codes.Unavailable
-		s.emit(ctx, c)
-		return nil, c.x.Refuse(errNotCommitted(c.method, false))
-	}
-	c.ev.Outcome = outcome
-	written := s.o.now()
-	var ferr error
-	if st.Code() == codes.OK {
-		ferr = s.commit(ctx, c, rec)
-	} else {
-		// A stored error: what the handler wrote before failing is rolled
-		// back, and the error is the outcome.
-		ferr = s.discard(ctx, c, rec)
-	}
-	keeper.stop(false)
-	switch {
-	case ferr == nil:
-		c.final = final
-		if s.cache != nil {
-			s.cache.put(c.storeKey, final, written, s.o.ttl)
-		}
-	case st.Code() != codes.OK:
-		// The handler's writes were rolled back either way; the caller gets
-		// the handler's error, as without a TxStore.
-		c.ev.Outcome, c.ev.Err = outcomeOfStoreErr(ferr), ferr
-	case errors.Is(ferr, ErrCommitUnknown):
-		c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeCommitUnknown, ferr, codes.Unavailable
-		s.emit(ctx, c)
-		return nil, c.x.Refuse(errNotCommitted(c.method, true))
-	default:
-		c.ev.Outcome, c.ev.Err, c.ev.Code = OutcomeRolledBack, ferr, codes.Unavailable
-		if !errors.Is(ferr, ErrLeaseLost) {
-			// Free the claim so the retry runs at once rather than after
-			// the lease.
-			_ = s.finish(ctx, c, nil)
-		}
-		s.emit(ctx, c)
-		return nil, c.x.Refuse(errNotCommitted(c.method, false))
-	}
-	s.emit(ctx, c)
-	return resp, err
+	return errNotCommitted(c.method, false)
 }
 
 // commit writes rec in c.ex's transaction and commits it. Like finish, it

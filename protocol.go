@@ -6,10 +6,6 @@ package idempotency
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	mrand "math/rand/v2"
-	"sync"
 	"time"
 
 	idempotencyv1 "github.com/idempotency-grpc/idempotency/proto/idempotency/v1"
@@ -18,7 +14,6 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
 // Protocol is the server side of the idempotency protocol, free of any
@@ -189,6 +184,9 @@ type call struct {
 	// ex is the claim's Execution when the store is a TxStore.
 	ex Execution
 	ev Event
+	// result is the owner's handler's result, once ran is set (execute).
+	result Result
+	ran    bool
 	// final is the completed record the call ended with (executed or
 	// replayed), shared with the local cache and coalesced duplicates.
 	final *idempotencyv1.Record
@@ -205,139 +203,3 @@ func (r *Result) finalStatus() *status.Status {
 
 // okStatus is the status of a replayed response (OK, no message).
 var okStatus = status.New(codes.OK, "")
-
-// handle is the protocol: pass through, refuse, claim, execute or replay.
-func (s *server) handle(ctx context.Context, c *call, req any) (any, error) {
-	policy := s.policies.get(c.method, c.idempotent)
-	if policy == KeyIgnored {
-		r := c.x.Run(ctx, false)
-		return r.Response, r.Err
-	}
-	key, present, err := s.extractKey(c, req)
-	if err != nil {
-		return nil, s.fail(ctx, c, OutcomeKeyInvalid, errKeyInvalid(c.method, s.keySource(), err), nil)
-	}
-	if !present {
-		if policy == KeyRequired {
-			return nil, s.fail(ctx, c, OutcomeKeyMissing, errKeyRequired(c.method, s.keySource()), nil)
-		}
-		c.ev.Outcome = OutcomePassThrough
-		r := c.x.Run(ctx, false)
-		c.ev.Code = r.finalStatus().Code()
-		s.emit(ctx, c)
-		return r.Response, r.Err
-	}
-	c.key = key
-	return s.handleKey(ctx, c, req)
-}
-
-// handleKey handles a call whose key is known (c.key): scope and
-// fingerprint it, then answer it locally, wait for a coalesced duplicate,
-// or claim the key.
-func (s *server) handleKey(ctx context.Context, c *call, req any) (any, error) {
-	var scope string
-	var err error
-	if s.o.scope != nil {
-		if scope, err = s.o.scope(ctx); err != nil {
-			if _, ok := status.FromError(err); !ok {
-				err = errScopeFailed(c.method)
-			}
-			return nil, s.fail(ctx, c, OutcomeRejected, err, nil)
-		}
-	}
-	c.storeKey = StoreKey(c.method, scope, c.key)
-	if c.fp, err = s.o.fingerprint(c.method, req); err != nil {
-		return nil, s.fail(ctx, c, OutcomeRejected, errFingerprintFailed(c.method), err)
-	}
-	c.token = newToken()
-	if s.cache != nil {
-		if rec := s.cache.get(c.storeKey, s.o.now()); rec != nil {
-			c.ev.Local = true
-			return s.answer(ctx, c, rec)
-		}
-	}
-	if s.flights == nil {
-		return s.claim(ctx, c)
-	}
-	f, leader := s.flights.join(c.storeKey, c.fp)
-	if leader {
-		defer func() { s.flights.finish(c.storeKey, f, c.final) }()
-		return s.claim(ctx, c)
-	}
-	select {
-	case <-f.done:
-	case <-ctx.Done():
-		return nil, s.fail(ctx, c, OutcomeInProgress, errCallEnded(c.method, ctx.Err()), nil)
-	}
-	if f.final != nil {
-		c.ev.Local = true
-		return s.answer(ctx, c, f.final)
-	}
-	return s.claim(ctx, c)
-}
-
-// fail reports a refused call and returns err in the transport's form.
-func (s *server) fail(ctx context.Context, c *call, o Outcome, err error, cause error) error {
-	c.ev.Outcome, c.ev.Code, c.ev.Err = o, status.Code(err), cause
-	s.emit(ctx, c)
-	return c.x.Refuse(err)
-}
-
-// extractKey returns the call's key from the request header, or from the
-// request field set with WithKeyField.
-func (s *server) extractKey(c *call, req any) (string, bool, error) {
-	if s.o.keyField == "" {
-		vals := c.x.RequestHeader(s.o.keyHeader)
-		if c.httpKey && len(vals) > 0 {
-			key, _, err := ParseKeyHeader(vals)
-			if err == nil {
-				err = ValidateKey(key)
-			}
-			return key, true, err
-		}
-		binary := len(vals) == 0 && len(c.x.RequestHeader(s.o.binHeader)) > 0
-		return keyFromValues(vals, binary, s.o.keyHeader)
-	}
-	m, ok := req.(proto.Message)
-	if !ok {
-		return "", false, nil
-	}
-	fd := m.ProtoReflect().Descriptor().Fields().ByName(protoreflect.Name(s.o.keyField))
-	if fd == nil || fd.Kind() != protoreflect.StringKind || fd.IsList() {
-		return "", false, nil
-	}
-	v := m.ProtoReflect().Get(fd).String()
-	if v == "" {
-		return "", false, nil
-	}
-	if err := ValidateKey(v); err != nil {
-		return "", true, err
-	}
-	return v, true, nil
-}
-
-func (s *server) keySource() string {
-	if s.o.keyField != "" {
-		return "request field " + s.o.keyField
-	}
-	return s.o.keyHeader
-}
-
-// newToken returns a random owner token for a claim: only the holder of the
-// token may renew, complete or release the key. The 128 bits come from a
-// ChaCha8 generator seeded from crypto/rand (a cryptographically secure
-// stream), one per P through a sync.Pool, which costs a fraction of a
-// crypto/rand read per call.
-func newToken() string {
-	g := tokenRand.Get().(*mrand.ChaCha8)
-	var b [16]byte
-	_, _ = g.Read(b[:])
-	tokenRand.Put(g)
-	return hex.EncodeToString(b[:])
-}
-
-var tokenRand = sync.Pool{New: func() any {
-	var seed [32]byte
-	_, _ = rand.Read(seed[:])
-	return mrand.NewChaCha8(seed)
-}}
