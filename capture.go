@@ -57,10 +57,15 @@ func (s *capturingStream) SetTrailer(md metadata.MD) error {
 	return nil
 }
 
+// captured returns the header and trailer the handler sent so far, nil
+// when it sent none. They are not copied: every Set or Send joins into a
+// new map (metadata.Join), so a map once returned is never written again,
+// even by a handler's goroutine that sends more after the handler
+// returned.
 func (s *capturingStream) captured() (header, trailer metadata.MD) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.header.Copy(), s.trailer.Copy()
+	return s.header, s.trailer
 }
 
 // markerGuard wraps the server transport stream of a call the interceptor

@@ -49,17 +49,21 @@ func UnaryServerInterceptor(store Store, opts ...Option) grpc.UnaryServerInterce
 }
 
 // grpcCall is one call through the gRPC adapter: the protocol's call state
-// with the handler and its request, in one allocation.
+// with the handler, its request and, for an owner, the stream that
+// captures its metadata, in one allocation.
 type grpcCall struct {
 	call
 	ctx     context.Context // the call's incoming context, for its metadata
 	req     any
 	handler grpc.UnaryHandler
+	capture capturingStream
 }
 
 func (s *server) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	g := &grpcCall{ctx: ctx, req: req, handler: handler}
-	g.call = call{method: info.FullMethod, x: g, ev: Event{Method: info.FullMethod}}
+	// Field by field: a composite literal of call would be built in this
+	// frame first, which is on the stack for the whole call.
+	g.method, g.x, g.ev.Method = info.FullMethod, g, info.FullMethod
 	return s.handle(ctx, &g.call, req)
 }
 
@@ -82,16 +86,15 @@ func (g *grpcCall) Run(ctx context.Context, owner bool) Result {
 		resp, err := g.handler(ctx, g.req)
 		return Result{Response: resp, Err: err}
 	}
-	var cs *capturingStream
 	if st != nil {
-		cs = &capturingStream{ServerTransportStream: st}
-		ctx = grpc.NewContextWithServerTransportStream(ctx, cs)
+		g.capture.ServerTransportStream = st
+		ctx = grpc.NewContextWithServerTransportStream(ctx, &g.capture)
 	}
 	resp, err := g.handler(ctx, g.req)
 	r := Result{Response: resp, Err: err, Status: handlerStatus(err)}
 	r.Message, _ = resp.(proto.Message)
-	if cs != nil {
-		r.Header, r.Trailer = cs.captured()
+	if st != nil {
+		r.Header, r.Trailer = g.capture.captured()
 	}
 	return r
 }

@@ -67,7 +67,24 @@ func keyFromValues(vals []string, binary bool, header string) (key string, prese
 	return vals[0], true, nil
 }
 
-type serverKeyCtxKey struct{}
+// handlerKeyCtx is the context of a handler the protocol runs with a key: the
+// key, and for the key's owner its fence, in one context value (one
+// allocation, where a context.WithValue per value costs two each).
+type handlerKeyCtx struct {
+	context.Context
+	key   string
+	fence uint64 // 0: none
+}
+
+type keyCtxKey struct{}
+
+// Value returns k itself for keyCtxKey, and the parent's values otherwise.
+func (k *handlerKeyCtx) Value(key any) any {
+	if key == (keyCtxKey{}) {
+		return k
+	}
+	return k.Context.Value(key)
+}
 
 // KeyFromContext returns the idempotency key of the call being handled, as
 // the client sent it, and whether there is one. It is set by
@@ -75,15 +92,17 @@ type serverKeyCtxKey struct{}
 // can pass the key on to a downstream provider (for example as a payment
 // provider's own idempotency key).
 func KeyFromContext(ctx context.Context) (string, bool) {
-	k, ok := ctx.Value(serverKeyCtxKey{}).(string)
-	return k, ok
+	if k, ok := ctx.Value(keyCtxKey{}).(*handlerKeyCtx); ok {
+		return k.key, true
+	}
+	return "", false
 }
 
+// contextWithServerKey returns the context of a handler that runs with key
+// but not as its owner (WithFailOpen): no fence.
 func contextWithServerKey(ctx context.Context, key string) context.Context {
-	return context.WithValue(ctx, serverKeyCtxKey{}, key)
+	return &handlerKeyCtx{Context: ctx, key: key}
 }
-
-type fenceCtxKey struct{}
 
 // FenceFromContext returns the fencing token of the call being handled, and
 // whether there is one: a number that the store gives each new owner of a
@@ -107,18 +126,22 @@ type fenceCtxKey struct{}
 // write keyed on (key, fence). See the README's "Fencing a handler's
 // writes" for the guarantee of each store.
 func FenceFromContext(ctx context.Context) (uint64, bool) {
-	f, ok := ctx.Value(fenceCtxKey{}).(uint64)
-	return f, ok
+	for {
+		k, ok := ctx.Value(keyCtxKey{}).(*handlerKeyCtx)
+		if !ok {
+			return 0, false
+		}
+		if k.fence != 0 {
+			return k.fence, true
+		}
+		ctx = k.Context // a handler run without a fence, inside an owner's
+	}
 }
 
 // contextWithOwner returns the owner's context: the key, and the fence
 // when the store gave one.
 func contextWithOwner(ctx context.Context, key string, fence uint64) context.Context {
-	ctx = contextWithServerKey(ctx, key)
-	if fence != 0 {
-		ctx = context.WithValue(ctx, fenceCtxKey{}, fence)
-	}
-	return ctx
+	return &handlerKeyCtx{Context: ctx, key: key, fence: fence}
 }
 
 // Replayed reports whether a response header, as returned by the

@@ -138,26 +138,46 @@ func keyHash(storeKey string) string {
 	return hex.EncodeToString(sum[:6])
 }
 
-// emit reports e. The key hash is computed here, only when someone listens.
+// emit reports the call's event to the observer and the logger, when
+// either is set. It is small enough to inline, so a call that nobody
+// listens to pays neither report's frame nor its work.
 func (s *server) emit(ctx context.Context, c *call) {
-	if s.o.observer == nil && s.o.logger == nil {
-		return
+	if s.o.observer != nil || s.o.logger != nil {
+		s.report(ctx, c)
 	}
+}
+
+// report hands the call's event to the observer and logs the warnings it
+// calls for. The key hash is computed only when the observer or a logged
+// line needs it.
+//
+//go:noinline
+func (s *server) report(ctx context.Context, c *call) {
 	e := c.ev
-	e.KeyHash = keyHash(c.storeKey)
 	if s.o.observer != nil {
+		e.KeyHash = keyHash(c.storeKey)
 		s.o.observer(ctx, e)
 	}
 	if s.o.logger == nil {
 		return
+	}
+	warn := false
+	switch e.Outcome {
+	case OutcomeLeaseLost, OutcomeNotStored, OutcomeNotReplicated, OutcomeRolledBack, OutcomeCommitUnknown, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:
+		warn = true
+	}
+	if !warn && len(e.DroppedMetadata) == 0 {
+		return
+	}
+	if e.KeyHash == "" {
+		e.KeyHash = keyHash(c.storeKey)
 	}
 	if len(e.DroppedMetadata) > 0 {
 		s.o.logger.LogAttrs(ctx, slog.LevelWarn, "idempotency: metadata not stored",
 			slog.String("method", e.Method), slog.String("key_hash", e.KeyHash),
 			slog.String("outcome", string(e.Outcome)), slog.Any("keys", e.DroppedMetadata))
 	}
-	switch e.Outcome {
-	case OutcomeLeaseLost, OutcomeNotStored, OutcomeNotReplicated, OutcomeRolledBack, OutcomeCommitUnknown, OutcomeFailOpen, OutcomeRecordCorrupt, OutcomeStoreUnavailable:
+	if warn {
 		s.o.logger.LogAttrs(ctx, slog.LevelWarn, "idempotency: "+string(e.Outcome),
 			slog.String("method", e.Method), slog.String("key_hash", e.KeyHash),
 			slog.String("code", e.Code.String()), slog.Any("error", e.Err))
