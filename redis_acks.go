@@ -191,7 +191,7 @@ type shardForKey interface {
 // ErrNotReplicated when too few acknowledged.
 func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key string, args ...any) (cmd *redis.Cmd, ackErr error) {
 	if s.acks.none() {
-		return s.run(ctx, script, []string{key}, args...), nil
+		return s.run(ctx, script, key, args...), nil
 	}
 	s.firstUse()
 	var p redis.Pipeliner

@@ -45,9 +45,11 @@ var (
 // by earlier versions are still read and acted on), and each step (claim,
 // renew, complete, release) is one Lua script touching that one key, so it
 // is atomic, costs one round trip, and works unchanged on Redis Cluster. A
-// replay costs one round trip (the claim returns the stored record); a
-// first execution costs two (claim, complete), plus one renewal per third
-// of the lease while a slow handler runs.
+// replay costs one script call (the claim returns the stored record); a
+// first execution costs two (claim, complete), plus one renewal per quarter
+// of the lease while a slow handler runs. The script calls of concurrent
+// calls travel together in shared pipelines ([WithPipelining]), so under
+// load a round trip carries many calls' scripts.
 //
 // Durability is Redis's: with asynchronous replication a failover can lose
 // a record written just before it, and without AOF a restart loses all of
@@ -70,6 +72,10 @@ type RedisStore struct {
 	slowFsync sync.Once
 	// acks: WithReplicaAcks or WithFsyncAcks (zero: no acknowledgements).
 	acks acks
+	// pipelines is WithPipelining's n; pipe sends the script calls when
+	// it is positive and the client can pipeline (nil otherwise).
+	pipelines int
+	pipe      *autoPipeline
 }
 
 // RedisOption configures a [RedisStore].
@@ -89,21 +95,46 @@ func WithRedisLogger(l *slog.Logger) RedisOption {
 	return func(s *RedisStore) { s.logger = l }
 }
 
+// WithPipelining sets how many pipelines the store keeps in flight at
+// most: the claims, outcome writes and releases of concurrent calls are
+// sent together, one write and one read per pipeline instead of one per
+// call, which costs the server and Redis less per call (docs/PERFORMANCE.md).
+// A call alone is sent at once, in a pipeline of its own, and a call waits
+// for its reply only as long as its context allows, whatever the client's
+// ContextTimeoutEnabled. The script calls are the same either way, so
+// records, round trips per call and every guarantee are unchanged; go-redis
+// hooks see pipelines, without the calls' contexts. 0 sends each script
+// call on its own, as a single command on the caller's context. Default
+// [DefaultPipelines]. It does not apply with [WithReplicaAcks] or
+// [WithFsyncAcks], whose acknowledgement commands follow each write on its
+// own connection, nor to a client that cannot pipeline. Panics if n is
+// negative.
+func WithPipelining(n int) RedisOption {
+	if n < 0 {
+		badOption("WithPipelining", n, "the number of pipelines must not be negative (0 turns pipelining off)")
+	}
+	return func(s *RedisStore) { s.pipelines = n }
+}
+
 // NewRedisStore returns a store on client, typically a
 // redis.UniversalClient: a *redis.Client, a Sentinel failover client or a
 // *redis.ClusterClient all work. Create the client with
 // ContextTimeoutEnabled: true, so that go-redis itself honours the deadlines
-// the interceptor sets (the wait for a claim, the renew and complete
-// bounds). Without it go-redis waits for its own ReadTimeout instead; the
-// store then bounds each call itself, at the cost of a goroutine per call.
+// the interceptor sets (the renewals' tries, and every call with
+// WithPipelining(0) or acknowledgements). Without it go-redis waits for its
+// own ReadTimeout instead, and the store bounds such a call itself, at the
+// cost of a goroutine per call.
 func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
-	s := &RedisStore{client: client, prefix: DefaultKeyPrefix, logger: slog.Default()}
+	s := &RedisStore{client: client, prefix: DefaultKeyPrefix, logger: slog.Default(), pipelines: DefaultPipelines}
 	for _, opt := range opts {
 		if opt != nil {
 			opt(s)
 		}
 	}
 	s.bounded = contextTimeoutEnabled(client) == 1
+	if p, ok := client.(pipeliner); ok && s.pipelines > 0 && s.acks.none() {
+		s.pipe = &autoPipeline{client: p, max: s.pipelines, wake: make(chan struct{}, s.pipelines)}
+	}
 	if s.acks.fsync && s.logger != nil {
 		// Say at once whether the servers can honour WithFsyncAcks.
 		s.firstUse()
@@ -115,8 +146,12 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 // own ReadTimeout. A command abandoned that way may still be applied; every
 // caller treats an error as "maybe applied", as it must for any network
 // error.
-func (s *RedisStore) run(ctx context.Context, script *redis.Script, keys []string, args ...any) *redis.Cmd {
+func (s *RedisStore) run(ctx context.Context, script *redis.Script, key string, args ...any) *redis.Cmd {
 	s.firstUse()
+	if s.pipe != nil {
+		return s.pipe.run(ctx, script, key, args)
+	}
+	keys := []string{key}
 	if s.bounded || ctx.Done() == nil {
 		return script.Run(ctx, s.client, keys, args...)
 	}
@@ -356,7 +391,7 @@ func (s *RedisStore) Release(ctx context.Context, key, token string) error {
 // fenced runs a script that acts only if token owns key: it returns a
 // positive integer when it acted and 0 when it did not.
 func (s *RedisStore) fenced(ctx context.Context, op string, script *redis.Script, key, token string, args ...any) error {
-	n, err := s.run(ctx, script, []string{s.prefix + key}, append([]any{token}, args...)...).Int()
+	n, err := s.run(ctx, script, s.prefix+key, append([]any{token}, args...)...).Int()
 	if err != nil {
 		if errors.Is(err, redis.Nil) {
 			err = errors.New("nil reply")
@@ -371,7 +406,7 @@ func (s *RedisStore) fenced(ctx context.Context, op string, script *redis.Script
 
 // Get implements [AdminStore.Get] with one read-only script call.
 func (s *RedisStore) Get(ctx context.Context, key string) ([]byte, time.Duration, error) {
-	res, err := s.run(ctx, inspectScript, []string{s.prefix + key}).Slice()
+	res, err := s.run(ctx, inspectScript, s.prefix+key).Slice()
 	if err != nil {
 		return nil, 0, fmt.Errorf("idempotency: redis get: %w", err)
 	}
@@ -405,7 +440,7 @@ func (s *RedisStore) replyRecord(key, value string, layout bool) ([]byte, uint64
 // Delete implements [AdminStore.Delete]. Deleting an in-progress record
 // fences its owner off for the rest of its lease (see [AdminStore]).
 func (s *RedisStore) Delete(ctx context.Context, key string) error {
-	n, err := s.run(ctx, forgetScript, []string{s.prefix + key}).Int()
+	n, err := s.run(ctx, forgetScript, s.prefix+key).Int()
 	if err != nil {
 		return fmt.Errorf("idempotency: redis delete: %w", err)
 	}

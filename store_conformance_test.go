@@ -23,7 +23,8 @@ func conformancePrefix() string {
 // TestStoreConformance runs the public Store contract suite
 // (idempotencytest.RunStoreTests) against every store of this repository:
 // the memory store, Redis on miniredis (its clock moved with FastForward),
-// a real redis-server and a real 3-master Redis Cluster (in real time). The
+// a real redis-server (with and without pipelining) and a real 3-master
+// Redis Cluster (in real time). The
 // stores run side by side: the real-time ones mostly wait out leases.
 func TestStoreConformance(t *testing.T) {
 	t.Run("memory", func(t *testing.T) {
@@ -50,6 +51,16 @@ func TestStoreConformance(t *testing.T) {
 		t.Cleanup(func() { c.Close() })
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
 			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil))}
+		})
+	})
+	t.Run("redis-server-unpipelined", func(t *testing.T) {
+		// WithPipelining(0): each script call on its own, on a client that
+		// does not bound calls by their context (the store does).
+		t.Parallel()
+		c := redis.NewClient(&redis.Options{Addr: idempotency.SharedRedisAddrForTest(t)})
+		t.Cleanup(func() { c.Close() })
+		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
+			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithPipelining(0), idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil))}
 		})
 	})
 	t.Run("redis-cluster", func(t *testing.T) {

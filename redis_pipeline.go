@@ -1,0 +1,201 @@
+// Auto-pipelining: the script calls of concurrent calls share round trips.
+
+package idempotency
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// DefaultPipelines is how many pipelines a [RedisStore] keeps in flight at
+// most, unless changed with [WithPipelining].
+const DefaultPipelines = 2
+
+// maxPipelineCalls is the most script calls one pipeline carries, so no
+// round trip grows with the number of calls waiting.
+const maxPipelineCalls = 128
+
+// autoPipeline sends the script calls of a RedisStore (claims, outcome
+// writes, releases) in go-redis pipelines shared by the calls in flight: a
+// call queues its script and waits for its reply, or for its own context
+// to end, whichever comes first. A pipeline starts at once when fewer than
+// max are in flight, so a call alone is sent without delay; under load,
+// the calls that queue while the pipelines are out go together in the next
+// one. Each pipeline is one write and one read per connection, for the
+// store and for Redis, instead of one per call.
+//
+// The waiting call runs none of go-redis itself, so it is bounded by its
+// own context whatever the client's ContextTimeoutEnabled, at no cost of a
+// goroutine per call; the pipelines are bounded by the client's own
+// timeouts. A call whose context ends while its script is still queued is
+// taken out of the queue, so it is never sent; one that ends after it was
+// sent may still be applied, which every caller already allows for, as for
+// any network error.
+type autoPipeline struct {
+	client pipeliner
+	max    int
+
+	mu      sync.Mutex
+	queue   []*pipedCall
+	senders int // sending goroutines, at most max
+	idle    int // of them, those waiting for calls to queue
+	// wake wakes an idle sender: a token is sent, under mu, for each
+	// decrement of idle by a caller.
+	wake chan struct{}
+}
+
+// senderLinger is how long a sender with nothing to send waits for calls
+// before it ends: under load the same goroutines keep sending, their
+// stacks already grown to go-redis's depth.
+const senderLinger = 100 * time.Millisecond
+
+// pipedCall is one queued script call.
+type pipedCall struct {
+	script *redis.Script
+	key    string
+	args   []any
+	cmd    *redis.Cmd
+	queued bool // guarded by autoPipeline.mu
+	done   chan struct{}
+}
+
+// run queues script with key and args and returns its reply, or the
+// error of ctx when ctx ends first.
+func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string, args []any) *redis.Cmd {
+	if err := ctx.Err(); err != nil {
+		return errCmd(ctx, err)
+	}
+	c := &pipedCall{script: script, key: key, args: args, queued: true, done: make(chan struct{})}
+	p.mu.Lock()
+	p.queue = append(p.queue, c)
+	start := false
+	switch {
+	case p.idle > 0:
+		p.idle--
+		p.wake <- struct{}{}
+	case p.senders < p.max:
+		p.senders++
+		start = true
+	}
+	p.mu.Unlock()
+	if start {
+		go p.send()
+	}
+	select {
+	case <-c.done:
+		return c.cmd
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	if c.queued {
+		// Never sent: take it out, so a queue behind a hung server does
+		// not grow with abandoned calls.
+		c.queued = false
+		if i := slices.Index(p.queue, c); i >= 0 {
+			p.queue = slices.Delete(p.queue, i, i+1)
+		}
+	}
+	p.mu.Unlock()
+	return errCmd(ctx, ctx.Err())
+}
+
+// send sends pipelines of the queued calls until the queue has stayed
+// empty for senderLinger.
+func (p *autoPipeline) send() {
+	var linger *time.Timer
+	for {
+		p.mu.Lock()
+		if len(p.queue) == 0 {
+			p.idle++
+			p.mu.Unlock()
+			if linger == nil {
+				linger = time.NewTimer(senderLinger)
+			} else {
+				linger.Reset(senderLinger)
+			}
+			select {
+			case <-p.wake:
+				linger.Stop()
+				continue
+			case <-linger.C:
+			}
+			p.mu.Lock()
+			if p.idle == 0 {
+				// A caller counted on this sender (or another idle one)
+				// and its token is in wake: take it and go on.
+				p.mu.Unlock()
+				<-p.wake
+				continue
+			}
+			p.idle--
+			p.senders--
+			p.mu.Unlock()
+			return
+		}
+		var batch []*pipedCall
+		if len(p.queue) <= maxPipelineCalls {
+			batch, p.queue = p.queue, nil
+		} else {
+			batch = slices.Clone(p.queue[:maxPipelineCalls])
+			p.queue = slices.Delete(p.queue, 0, maxPipelineCalls)
+		}
+		for _, c := range batch {
+			c.queued = false
+		}
+		p.mu.Unlock()
+		p.exec(batch)
+	}
+}
+
+// exec sends batch as one pipeline (EVALSHA each, then EVAL for the
+// scripts Redis did not have cached) and hands each call its reply. The
+// pipeline has no deadline of its own: the client's ReadTimeout and
+// WriteTimeout bound it, and each caller stops waiting at its own
+// context's end.
+func (p *autoPipeline) exec(batch []*pipedCall) {
+	defer func() {
+		if v := recover(); v != nil {
+			// A panic in the client must neither leave the callers waiting
+			// forever nor crash the process from a goroutine no call owns:
+			// each call gets it as an error (maybe applied, as any).
+			for _, c := range batch {
+				c.cmd = errCmd(context.Background(), fmt.Errorf("idempotency: redis pipeline panicked: %v", v))
+				close(c.done)
+			}
+		}
+	}()
+	ctx := context.Background()
+	pipe := p.client.Pipeline()
+	for _, c := range batch {
+		c.cmd = c.script.EvalSha(ctx, pipe, []string{c.key}, c.args...)
+	}
+	_, _ = pipe.Exec(ctx)
+	var again redis.Pipeliner
+	for _, c := range batch {
+		if redis.HasErrorPrefix(c.cmd.Err(), "NOSCRIPT") {
+			if again == nil {
+				again = p.client.Pipeline()
+			}
+			// EVAL loads the script into Redis's cache too.
+			c.cmd = c.script.Eval(ctx, again, []string{c.key}, c.args...)
+		}
+	}
+	if again != nil {
+		_, _ = again.Exec(ctx)
+	}
+	for _, c := range batch {
+		close(c.done)
+	}
+}
+
+// errCmd returns a reply that failed with err.
+func errCmd(ctx context.Context, err error) *redis.Cmd {
+	cmd := redis.NewCmd(ctx)
+	cmd.SetErr(err)
+	return cmd
+}

@@ -1,0 +1,439 @@
+package idempotency
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+)
+
+// pipelineHook is a go-redis hook that records the EVALSHA script calls a
+// client sends, in pipelines or on their own, and can hold pipelines until
+// released. (A script Redis lacks is sent again with EVAL, and a new
+// connection pipelines HELLO and CLIENT SETINFO: neither is counted.)
+type pipelineHook struct {
+	mu        sync.Mutex
+	sizes     []int // EVALSHA calls per pipeline, in the order they were sent
+	singles   int   // EVALSHA calls sent on their own
+	inFlight  int
+	maxFlight int
+	hold      chan struct{} // non-nil: each pipeline waits for it to close
+	held      chan struct{} // a pipeline reached the hold (buffered)
+	panicNext bool
+}
+
+func (h *pipelineHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *pipelineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if cmd.Name() == "evalsha" {
+			h.mu.Lock()
+			h.singles++
+			h.mu.Unlock()
+		}
+		return next(ctx, cmd)
+	}
+}
+
+func (h *pipelineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		n := 0
+		for _, c := range cmds {
+			if c.Name() == "evalsha" {
+				n++
+			}
+		}
+		if n == 0 {
+			return next(ctx, cmds)
+		}
+		h.mu.Lock()
+		h.sizes = append(h.sizes, n)
+		h.inFlight++
+		h.maxFlight = max(h.maxFlight, h.inFlight)
+		hold, panicNow := h.hold, h.panicNext
+		h.panicNext = false
+		h.mu.Unlock()
+		defer func() {
+			h.mu.Lock()
+			h.inFlight--
+			h.mu.Unlock()
+		}()
+		if panicNow {
+			panic("pipelineHook: told to panic")
+		}
+		if hold != nil {
+			h.held <- struct{}{}
+			<-hold
+		}
+		return next(ctx, cmds)
+	}
+}
+
+func (h *pipelineHook) snapshot() (sizes []int, singles, maxFlight int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]int(nil), h.sizes...), h.singles, h.maxFlight
+}
+
+// holdFromNow makes the pipelines sent from now on wait for hold to close,
+// after forgetting what was sent so far.
+func (h *pipelineHook) holdFromNow() (hold chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.sizes, h.singles, h.maxFlight = nil, 0, 0
+	h.hold, h.held = make(chan struct{}), make(chan struct{}, 10)
+	return h.hold
+}
+
+// loadClaimScript claims a key of its own through s, so the claim script is in
+// Redis's cache and a connection is open.
+func loadClaimScript(t *testing.T, s *RedisStore) {
+	t.Helper()
+	if _, err := s.Claim(context.Background(), "warm-up", "tok-warm", []byte("rec"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pipelinedStore is a RedisStore on a fresh miniredis whose client carries
+// h, with WithPipelining(n).
+func pipelinedStore(t *testing.T, h *pipelineHook, n int) (*RedisStore, *miniredis.Miniredis) {
+	t.Helper()
+	m := miniredis.RunT(t)
+	c := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	c.AddHook(h)
+	t.Cleanup(func() { c.Close() })
+	return NewRedisStore(c, WithPipelining(n), WithRedisLogger(nil)), m
+}
+
+// queued returns how many calls wait in s's pipeline queue.
+func queued(s *RedisStore) int {
+	s.pipe.mu.Lock()
+	defer s.pipe.mu.Unlock()
+	return len(s.pipe.queue)
+}
+
+// waitFor polls cond until it holds, failing after a generous deadline.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// The calls that queue while a pipeline is out go together in the next
+// one, and each gets its own reply.
+func TestPipelineSendsQueuedCallsTogether(t *testing.T) {
+	h := &pipelineHook{}
+	s, _ := pipelinedStore(t, h, 1)
+	loadClaimScript(t, s)
+	hold := h.holdFromNow()
+	ctx := context.Background()
+
+	first := make(chan error, 1)
+	go func() {
+		_, err := s.Claim(ctx, "first", "tok-first", []byte("rec"), time.Minute)
+		first <- err
+	}()
+	<-h.held // the only pipeline is out and held
+
+	const n = 20
+	type result struct {
+		res ClaimResult
+		err error
+	}
+	results := make([]chan result, n)
+	for i := range results {
+		results[i] = make(chan result, 1)
+		go func() {
+			r, err := s.Claim(ctx, fmt.Sprintf("k%d", i), fmt.Sprintf("tok-%d", i), []byte("rec"), time.Minute)
+			results[i] <- result{r, err}
+		}()
+	}
+	waitFor(t, "20 queued calls", func() bool { return queued(s) == n })
+	h.mu.Lock()
+	h.hold = nil
+	h.mu.Unlock()
+	close(hold)
+	if err := <-first; err != nil {
+		t.Fatalf("first claim: %v", err)
+	}
+	fences := map[uint64]bool{}
+	for i, ch := range results {
+		r := <-ch
+		if r.err != nil || !r.res.Claimed {
+			t.Fatalf("claim %d: %+v, %v", i, r.res, r.err)
+		}
+		fences[r.res.Fence] = true
+	}
+	// Each call got its own reply: claiming its key again from another
+	// token finds it taken.
+	for i := range n {
+		r, err := s.Claim(ctx, fmt.Sprintf("k%d", i), "someone-else", []byte("rec"), time.Minute)
+		if err != nil || r.Claimed || r.Record == nil {
+			t.Fatalf("k%d claimed again by another token: %+v, %v", i, r, err)
+		}
+	}
+	sizes, singles, _ := h.snapshot()
+	if len(sizes) < 2 || sizes[0] != 1 || sizes[1] != n {
+		t.Fatalf("pipelines of %v commands, want [1 %d ...]: the queued calls were not sent together", sizes, n)
+	}
+	if singles != 0 {
+		t.Fatalf("%d script calls were sent on their own", singles)
+	}
+}
+
+// A call whose context ends while it is queued returns at once, and its
+// script is never sent.
+func TestPipelineAbandonedCallIsNotSent(t *testing.T) {
+	h := &pipelineHook{}
+	s, m := pipelinedStore(t, h, 1)
+	loadClaimScript(t, s)
+	hold := h.holdFromNow()
+	first := make(chan error, 1)
+	go func() {
+		_, err := s.Claim(context.Background(), "first", "tok-first", []byte("rec"), time.Minute)
+		first <- err
+	}()
+	<-h.held
+
+	ctx, cancel := context.WithCancel(context.Background())
+	gone := make(chan error, 1)
+	go func() {
+		_, err := s.Claim(ctx, "abandoned", "tok-a", []byte("rec"), time.Minute)
+		gone <- err
+	}()
+	waitFor(t, "the call to queue", func() bool { return queued(s) == 1 })
+	cancel()
+	// It returns while the pipeline ahead of it is still held: its wait
+	// is bounded by its own context, not by the store.
+	if err := <-gone; !errors.Is(err, context.Canceled) {
+		t.Fatalf("abandoned claim: %v, want context.Canceled", err)
+	}
+	if q := queued(s); q != 0 {
+		t.Fatalf("%d calls still queued after the caller left", q)
+	}
+	close(hold)
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	// Another pipeline would have been needed to send it.
+	waitFor(t, "the sender to go idle", func() bool {
+		s.pipe.mu.Lock()
+		defer s.pipe.mu.Unlock()
+		return s.pipe.idle == s.pipe.senders
+	})
+	if m.Exists(DefaultKeyPrefix + "abandoned") {
+		t.Fatal("the abandoned claim was sent and applied")
+	}
+	if sizes, _, _ := h.snapshot(); len(sizes) != 1 {
+		t.Fatalf("pipelines %v: the abandoned call was sent", sizes)
+	}
+}
+
+// No more pipelines than WithPipelining's n are in flight, and every one
+// of many concurrent calls gets its own reply.
+func TestPipelineBoundsPipelinesInFlight(t *testing.T) {
+	h := &pipelineHook{}
+	s, _ := pipelinedStore(t, h, 3)
+	ctx := context.Background()
+	const n = 400
+	var wg sync.WaitGroup
+	var wrong atomic.Int64
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			key, tok := fmt.Sprintf("k%d", i), fmt.Sprintf("tok-%d", i)
+			r, err := s.Claim(ctx, key, tok, []byte("rec"), time.Minute)
+			if err != nil || !r.Claimed {
+				wrong.Add(1)
+				return
+			}
+			if err := s.Complete(ctx, key, tok, []byte("done"), time.Hour); err != nil {
+				wrong.Add(1)
+			}
+			// The completed record comes back to a repeat.
+			r, err = s.Claim(ctx, key, "tok-repeat", []byte("rec"), time.Minute)
+			if err != nil || r.Claimed || string(r.Record) != "done" {
+				wrong.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if w := wrong.Load(); w != 0 {
+		t.Fatalf("%d of %d calls got a wrong answer", w, n)
+	}
+	sizes, _, maxFlight := h.snapshot()
+	total := 0
+	for _, n := range sizes {
+		total += n
+	}
+	if total != 3*n {
+		t.Fatalf("%d script calls sent in pipelines, want %d", total, 3*n)
+	}
+	if maxFlight > 3 {
+		t.Fatalf("%d pipelines in flight at once, want at most 3", maxFlight)
+	}
+}
+
+// Scripts missing from Redis's cache (a restart, SCRIPT FLUSH) are sent
+// again with EVAL, which loads them.
+func TestPipelineLoadsScriptsAgain(t *testing.T) {
+	h := &pipelineHook{}
+	s, _ := pipelinedStore(t, h, 2)
+	ctx := context.Background()
+	for round := range 3 {
+		if _, err := s.client.(*redis.Client).ScriptFlush(ctx).Result(); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, 10)
+		for i := range 10 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r, err := s.Claim(ctx, fmt.Sprintf("r%d-%d", round, i), "tok", []byte("rec"), time.Minute)
+				if err == nil && !r.Claimed {
+					err = fmt.Errorf("not claimed: %+v", r)
+				}
+				errs <- err
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatalf("round %d after SCRIPT FLUSH: %v", round, err)
+			}
+		}
+	}
+}
+
+// WithPipelining(0) sends each script call on its own.
+func TestPipeliningOff(t *testing.T) {
+	h := &pipelineHook{}
+	s, _ := pipelinedStore(t, h, 0)
+	if s.pipe != nil {
+		t.Fatal("WithPipelining(0) built a pipeline")
+	}
+	ctx := context.Background()
+	if _, err := s.Claim(ctx, "k", "tok", []byte("rec"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Complete(ctx, "k", "tok", []byte("done"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	sizes, singles, _ := h.snapshot()
+	if len(sizes) != 0 || singles != 2 {
+		t.Fatalf("pipelines %v and %d single script calls, want none and 2", sizes, singles)
+	}
+	defer func() {
+		if v := recover(); v == nil || !strings.Contains(fmt.Sprint(v), "WithPipelining") {
+			t.Fatalf("WithPipelining(-1) panicked with %v, want a message naming the option", v)
+		}
+	}()
+	WithPipelining(-1)
+}
+
+// The acknowledged writes keep their own connection: no shared pipeline.
+func TestPipeliningNotWithAcks(t *testing.T) {
+	c := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
+	defer c.Close()
+	if s := NewRedisStore(c, WithReplicaAcks(1, time.Second), WithRedisLogger(nil)); s.pipe != nil {
+		t.Fatal("WithReplicaAcks built a shared pipeline")
+	}
+}
+
+// A panic inside the client while a pipeline is sent reaches every caller
+// of that pipeline as an error, and the store keeps working.
+func TestPipelinePanicIsAnError(t *testing.T) {
+	h := &pipelineHook{panicNext: true}
+	s, _ := pipelinedStore(t, h, 1)
+	ctx := context.Background()
+	if _, err := s.Claim(ctx, "k", "tok", []byte("rec"), time.Minute); err == nil || !strings.Contains(err.Error(), "panicked") {
+		t.Fatalf("claim through a panicking pipeline: %v, want an error saying it panicked", err)
+	}
+	if r, err := s.Claim(ctx, "k2", "tok", []byte("rec"), time.Minute); err != nil || !r.Claimed {
+		t.Fatalf("claim after the panic: %+v, %v", r, err)
+	}
+}
+
+// A hung server (accepts, never answers) holds no call past its context,
+// with a client that does not honour context deadlines itself.
+func TestPipelineHungServerBoundedByContext(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c) // read nothing, answer nothing
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+	}()
+	c := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), ReadTimeout: time.Hour, WriteTimeout: time.Hour, MaxRetries: -1, Protocol: 2})
+	defer c.Close()
+	s := NewRedisStore(c, WithRedisLogger(nil))
+	var wg sync.WaitGroup
+	for i := range 5 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			defer cancel()
+			if _, err := s.Claim(ctx, fmt.Sprintf("k%d", i), "tok", []byte("rec"), time.Minute); !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("claim %d on a hung server: %v, want DeadlineExceeded", i, err)
+			}
+		}()
+	}
+	wg.Wait() // would hang for an hour (ReadTimeout) if the wait were not bounded
+	if q := queued(s); q != 0 {
+		t.Fatalf("%d abandoned calls left queued", q)
+	}
+}
+
+// A sender with nothing to send ends after senderLinger: a store leaves
+// no goroutine behind once idle.
+func TestPipelineSendersEndWhenIdle(t *testing.T) {
+	h := &pipelineHook{}
+	s, _ := pipelinedStore(t, h, 2)
+	if _, err := s.Claim(context.Background(), "k", "tok", []byte("rec"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the senders to end", func() bool {
+		s.pipe.mu.Lock()
+		defer s.pipe.mu.Unlock()
+		return s.pipe.senders == 0 && s.pipe.idle == 0
+	})
+	// And a later call starts one again.
+	if r, err := s.Claim(context.Background(), "k2", "tok", []byte("rec"), time.Minute); err != nil || !r.Claimed {
+		t.Fatalf("claim after the senders ended: %+v, %v", r, err)
+	}
+}
