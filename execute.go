@@ -27,11 +27,9 @@ func (s *server) execute(ctx context.Context, c *call) (any, error) {
 		return nil, err
 	}
 	defer s.settlePanic(ctx, c, keeper)
-	// The result is kept in c rather than in this frame, which is on the
-	// stack while the handler runs.
-	c.result = c.x.Run(hctx, true)
+	r := c.x.Run(hctx, true)
 	c.ran = true
-	return s.settle(ctx, c, keeper, &c.result)
+	return s.settle(ctx, c, keeper, &r)
 }
 
 // settlePanic settles the run of a handler that panicked (the panic goes
@@ -114,9 +112,14 @@ func (s *server) settle(ctx context.Context, c *call, keeper *leaseKeeper, r *Re
 			_ = s.release(ctx, c)
 			refuse = errNotCommitted(c.method, false)
 		}
-	default: // OutcomeExecuted, OutcomeTooLarge
+	default: // OutcomeExecuted, OutcomeTooLarge: store the outcome
 		written := s.o.now()
-		err := s.write(ctx, c, rec)
+		var err error
+		if c.ex != nil {
+			err = s.writeTx(ctx, c, rec)
+		} else {
+			err = s.finish(ctx, c, rec)
+		}
 		keeper.stop(false)
 		switch {
 		case err == nil:
@@ -175,28 +178,14 @@ func (s *server) judge(c *call, keeper *leaseKeeper, r *Result) ([]byte, *idempo
 	return rec, final
 }
 
-// write stores rec as the key's outcome: Complete (finish); with a
-// TxStore, Commit in the handler's transaction for a response, or, for an
-// error, Discard with rec: the handler's writes are rolled back and the
-// error is the outcome.
-func (s *server) write(ctx context.Context, c *call, rec []byte) error {
-	switch {
-	case c.ex == nil:
-		return s.finish(ctx, c, rec)
-	case c.ev.Code == codes.OK:
-		return s.commit(ctx, c, rec)
-	}
-	return s.discard(ctx, c, rec)
-}
-
 // release frees the key: Release (finish without a record); with a
 // TxStore, Discard without one, which also rolls the handler's writes
 // back.
 func (s *server) release(ctx context.Context, c *call) error {
-	if c.ex == nil {
-		return s.finish(ctx, c, nil)
+	if c.ex != nil {
+		return s.discard(ctx, c, nil)
 	}
-	return s.discard(ctx, c, nil)
+	return s.finish(ctx, c, nil)
 }
 
 // outcomeOfStoreErr is the outcome of a write of the outcome that failed.
@@ -217,37 +206,53 @@ func outcomeOfStoreErr(err error) Outcome {
 // token and Complete is idempotent for it. The caller's answer waits for it,
 // so an answer that reached the client was, in the normal case, stored.
 func (s *server) finish(ctx context.Context, c *call, rec []byte) error {
-	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.o.completeTimeout)
 	defer cancel()
 	start := time.Now()
-	defer func() { c.ev.StoreLatency += time.Since(start) }()
+	err := s.writeOnce(wctx, c, rec)
+	if err != nil && !errors.Is(err, ErrLeaseLost) {
+		err = s.retryWrite(wctx, c, rec, err)
+	}
+	c.ev.StoreLatency += time.Since(start)
+	return err
+}
+
+// writeOnce is one try of finish: Complete with rec, or Release when rec
+// is nil.
+func (s *server) writeOnce(ctx context.Context, c *call, rec []byte) error {
+	if rec == nil {
+		return s.store.Release(ctx, c.storeKey, c.token)
+	}
+	return s.store.Complete(ctx, c.storeKey, c.token, rec, s.o.ttl)
+}
+
+// retryWrite retries finish's write, whose first try failed with err,
+// with backoff until ctx ends, and returns the last error (nil once a try
+// succeeds).
+//
+//go:noinline
+func (s *server) retryWrite(ctx context.Context, c *call, rec []byte, err error) error {
 	backoff := 10 * time.Millisecond
 	// Once a write is known stored but not replicated, a later try that
 	// times out does not undo it: that is what is reported.
 	var notReplicated error
 	for {
-		var err error
-		if rec == nil {
-			err = s.store.Release(fctx, c.storeKey, c.token)
-		} else {
-			err = s.store.Complete(fctx, c.storeKey, c.token, rec, s.o.ttl)
-		}
-		if err == nil || errors.Is(err, ErrLeaseLost) {
-			return err
-		}
 		if errors.Is(err, ErrNotReplicated) {
 			notReplicated = err
-		} else if notReplicated != nil && fctx.Err() != nil {
+		} else if notReplicated != nil && ctx.Err() != nil {
 			err = notReplicated
 		}
 		t := time.NewTimer(backoff)
 		select {
-		case <-fctx.Done():
+		case <-ctx.Done():
 			t.Stop()
 			return err
 		case <-t.C:
 		}
 		backoff = min(2*backoff, 500*time.Millisecond)
+		if err = s.writeOnce(ctx, c, rec); err == nil || errors.Is(err, ErrLeaseLost) {
+			return err
+		}
 	}
 }
 

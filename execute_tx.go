@@ -27,6 +27,16 @@ func (s *server) ownTx(ctx context.Context, c *call) (*leaseKeeper, context.Cont
 	return keeper, hctx, nil
 }
 
+// writeTx stores rec as the outcome of a TxStore's run: Commit in the
+// handler's transaction for a response, or, for an error, Discard with rec:
+// the handler's writes are rolled back and the error is the outcome.
+func (s *server) writeTx(ctx context.Context, c *call, rec []byte) error {
+	if c.ev.Code == codes.OK {
+		return s.commit(ctx, c, rec)
+	}
+	return s.discard(ctx, c, rec)
+}
+
 // txWriteFailed reports a TxStore's response that did not commit, err
 // saying why, and returns the refusal the client gets instead: nothing
 // the handler wrote was kept (or, for ErrCommitUnknown, it is unknown), so

@@ -169,11 +169,13 @@ type call struct {
 	method     string
 	idempotent bool
 	httpKey    bool // Call.HTTPKeyHeader
-	x          Exchange
-	key        string
-	storeKey   string
-	fp         []byte
-	token      string
+	// ran is set once the owner's handler returned (execute).
+	ran      bool
+	x        Exchange
+	key      string
+	storeKey string
+	fp       []byte
+	token    string
 	// fence is the claim's fencing token (0: the store gave none).
 	fence uint64
 	// inProgress is the encoded in-progress record the call claims with.
@@ -184,9 +186,6 @@ type call struct {
 	// ex is the claim's Execution when the store is a TxStore.
 	ex Execution
 	ev Event
-	// result is the owner's handler's result, once ran is set (execute).
-	result Result
-	ran    bool
 	// final is the completed record the call ended with (executed or
 	// replayed), shared with the local cache and coalesced duplicates.
 	final *idempotencyv1.Record
