@@ -16,9 +16,16 @@ import (
 // most, unless changed with [WithPipelining].
 const DefaultPipelines = 2
 
-// maxPipelineCalls is the most script calls one pipeline carries, so no
-// round trip grows with the number of calls waiting.
-const maxPipelineCalls = 128
+// maxPipelineCalls and maxPipelineBytes bound what one pipeline carries
+// (the bytes counted are the scripts' arguments), so no round trip grows
+// with the number of calls waiting, and a burst of large outcomes does not
+// make one write that outlasts the client's WriteTimeout: the calls beyond
+// go in the next pipeline. A single call larger than maxPipelineBytes goes
+// alone.
+const (
+	maxPipelineCalls = 128
+	maxPipelineBytes = 1 << 20
+)
 
 // autoPipeline sends the script calls of a RedisStore (claims, outcome
 // writes, releases) in go-redis pipelines shared by the calls in flight: a
@@ -59,6 +66,7 @@ type pipedCall struct {
 	script *redis.Script
 	key    string
 	args   []any
+	size   int // of the arguments, in bytes
 	cmd    *redis.Cmd
 	queued bool // guarded by autoPipeline.mu
 	done   chan struct{}
@@ -70,7 +78,15 @@ func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string
 	if err := ctx.Err(); err != nil {
 		return errCmd(ctx, err)
 	}
-	c := &pipedCall{script: script, key: key, args: args, queued: true, done: make(chan struct{})}
+	c := &pipedCall{script: script, key: key, args: args, size: len(key), queued: true, done: make(chan struct{})}
+	for _, a := range args {
+		switch a := a.(type) {
+		case string:
+			c.size += len(a)
+		case []byte:
+			c.size += len(a)
+		}
+	}
 	p.mu.Lock()
 	p.queue = append(p.queue, c)
 	start := false
@@ -137,12 +153,17 @@ func (p *autoPipeline) send() {
 			p.mu.Unlock()
 			return
 		}
+		n, size := 1, p.queue[0].size
+		for n < len(p.queue) && n < maxPipelineCalls && size+p.queue[n].size <= maxPipelineBytes {
+			size += p.queue[n].size
+			n++
+		}
 		var batch []*pipedCall
-		if len(p.queue) <= maxPipelineCalls {
+		if n == len(p.queue) {
 			batch, p.queue = p.queue, nil
 		} else {
-			batch = slices.Clone(p.queue[:maxPipelineCalls])
-			p.queue = slices.Delete(p.queue, 0, maxPipelineCalls)
+			batch = slices.Clone(p.queue[:n])
+			p.queue = slices.Delete(p.queue, 0, n)
 		}
 		for _, c := range batch {
 			c.queued = false

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -435,5 +436,60 @@ func TestPipelineSendersEndWhenIdle(t *testing.T) {
 	// And a later call starts one again.
 	if r, err := s.Claim(context.Background(), "k2", "tok", []byte("rec"), time.Minute); err != nil || !r.Claimed {
 		t.Fatalf("claim after the senders ended: %+v, %v", r, err)
+	}
+}
+
+// A pipeline carries at most maxPipelineCalls calls and, beyond its first
+// call, at most maxPipelineBytes of arguments: the rest go in the next.
+func TestPipelineSplitsLongQueues(t *testing.T) {
+	h := &pipelineHook{}
+	s, _ := pipelinedStore(t, h, 1)
+	loadClaimScript(t, s)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name      string
+		calls     int
+		record    []byte
+		wantSizes []int // after the held pipeline of 1
+	}{
+		{"many small", maxPipelineCalls + 2, []byte("rec"), []int{maxPipelineCalls, 2}},
+		{"large", 3, make([]byte, 600<<10), []int{1, 1, 1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			hold := h.holdFromNow()
+			var wg sync.WaitGroup
+			errs := make(chan error, tc.calls+1)
+			claim := func(key string, record []byte) {
+				defer wg.Done()
+				r, err := s.Claim(ctx, key, "tok", record, time.Minute)
+				if err == nil && !r.Claimed {
+					err = fmt.Errorf("%s not claimed", key)
+				}
+				errs <- err
+			}
+			wg.Add(1)
+			go claim(tc.name+"-held", []byte("rec"))
+			<-h.held
+			for i := range tc.calls {
+				wg.Add(1)
+				go claim(fmt.Sprintf("%s-%d", tc.name, i), tc.record)
+			}
+			waitFor(t, "the calls to queue", func() bool { return queued(s) == tc.calls })
+			h.mu.Lock()
+			h.hold = nil
+			h.mu.Unlock()
+			close(hold)
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			sizes, _, _ := h.snapshot()
+			if want := append([]int{1}, tc.wantSizes...); !slices.Equal(sizes, want) {
+				t.Fatalf("pipelines of %v calls, want %v", sizes, want)
+			}
+		})
 	}
 }
