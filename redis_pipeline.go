@@ -61,7 +61,10 @@ type autoPipeline struct {
 // stacks already grown to go-redis's depth.
 const senderLinger = 100 * time.Millisecond
 
-// pipedCall is one queued script call.
+// pipedCall is one queued script call. Calls are pooled: a caller puts
+// its call back once it has the reply, or once it took it out of the
+// queue unsent; a call abandoned after it was sent is left to the GC,
+// since its sender still writes to it.
 type pipedCall struct {
 	script *redis.Script
 	key    string
@@ -69,7 +72,17 @@ type pipedCall struct {
 	size   int // of the arguments, in bytes
 	cmd    *redis.Cmd
 	queued bool // guarded by autoPipeline.mu
-	done   chan struct{}
+	// done receives one value when cmd is set: the sender's only write
+	// to the call after it took it from the queue.
+	done chan struct{}
+}
+
+var pipedCalls = sync.Pool{New: func() any { return &pipedCall{done: make(chan struct{}, 1)} }}
+
+// free puts c back in the pool.
+func (c *pipedCall) free() {
+	*c = pipedCall{done: c.done}
+	pipedCalls.Put(c)
 }
 
 // run queues script with key and args and returns its reply, or the
@@ -78,7 +91,8 @@ func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string
 	if err := ctx.Err(); err != nil {
 		return errCmd(ctx, err)
 	}
-	c := &pipedCall{script: script, key: key, args: args, size: len(key), queued: true, done: make(chan struct{})}
+	c := pipedCalls.Get().(*pipedCall)
+	c.script, c.key, c.args, c.size, c.queued = script, key, args, len(key), true
 	for _, a := range args {
 		switch a := a.(type) {
 		case string:
@@ -104,11 +118,14 @@ func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string
 	}
 	select {
 	case <-c.done:
-		return c.cmd
+		cmd := c.cmd
+		c.free()
+		return cmd
 	case <-ctx.Done():
 	}
 	p.mu.Lock()
-	if c.queued {
+	unsent := c.queued
+	if unsent {
 		// Never sent: take it out, so a queue behind a hung server does
 		// not grow with abandoned calls.
 		c.queued = false
@@ -117,6 +134,9 @@ func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string
 		}
 	}
 	p.mu.Unlock()
+	if unsent {
+		c.free()
+	}
 	return errCmd(ctx, ctx.Err())
 }
 
@@ -186,7 +206,7 @@ func (p *autoPipeline) exec(batch []*pipedCall) {
 			// each call gets it as an error (maybe applied, as any).
 			for _, c := range batch {
 				c.cmd = errCmd(context.Background(), fmt.Errorf("idempotency: redis pipeline panicked: %v", v))
-				close(c.done)
+				c.done <- struct{}{}
 			}
 		}
 	}()
@@ -210,7 +230,7 @@ func (p *autoPipeline) exec(batch []*pipedCall) {
 		_, _ = again.Exec(ctx)
 	}
 	for _, c := range batch {
-		close(c.done)
+		c.done <- struct{}{}
 	}
 }
 
