@@ -194,6 +194,14 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 		return s.run(ctx, script, key, args...), nil
 	}
 	s.firstUse()
+	start := time.Now()
+	if s.ackedPipe != nil {
+		var wait *redis.Cmd
+		if cmd, wait = s.ackedPipe.run(ctx, script, key, args); cmd.Err() != nil {
+			return cmd, nil
+		}
+		return cmd, s.checkAcks(wait, start)
+	}
 	var p redis.Pipeliner
 	switch c := s.client.(type) {
 	case masterForKey:
@@ -241,7 +249,6 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 		return c, w
 	}
 	var wait *redis.Cmd
-	start := time.Now()
 	if s.bounded || ctx.Done() == nil {
 		cmd, wait = both()
 	} else {
@@ -261,14 +268,35 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 	if cmd.Err() != nil {
 		return cmd, nil
 	}
-	ackErr = s.acks.check(wait)
+	return cmd, s.checkAcks(wait, start)
+}
+
+// checkAcks reads the reply of the last acknowledgement command of a write
+// sent at start (see acks.check), and warns, once, about a slow replica
+// fsync.
+func (s *RedisStore) checkAcks(wait *redis.Cmd, start time.Time) error {
+	if wait == nil {
+		return fmt.Errorf("%w: no acknowledgement command was sent", ErrNotReplicated)
+	}
+	ackErr := s.acks.check(wait)
 	if took := time.Since(start); ackErr == nil && s.acks.fsync && s.acks.replicas > 0 && took > slowFsync && s.logger != nil {
 		s.slowFsync.Do(func() {
 			s.logger.Warn(fmt.Sprintf("idempotency: redis store: a write acknowledged by WithFsyncAcks(%d) took %v: a replica with appendfsync everysec makes every write wait up to a second for its fsync. Set appendfsync always on the replicas (the master cannot report their setting)", s.acks.replicas, took.Round(time.Millisecond)),
 				"prefix", s.prefix)
 		})
 	}
-	return cmd, ackErr
+	return ackErr
+}
+
+// routesByKey reports whether client sends a key's commands to the key's
+// own node (a Cluster, a Ring): a keyless WAIT in a shared pipeline would
+// then reach another node than the writes it should count.
+func routesByKey(client redis.Scripter) bool {
+	switch client.(type) {
+	case masterForKey, shardForKey:
+		return true
+	}
+	return false
 }
 
 // slowFsync is how long a write acknowledged with fsyncs may take before the

@@ -43,9 +43,16 @@ const (
 // taken out of the queue, so it is never sent; one that ends after it was
 // sent may still be applied, which every caller already allows for, as for
 // any network error.
+//
+// With acknowledgements ([WithReplicaAcks], [WithFsyncAcks]) each pipeline
+// ends with the acknowledgement commands: a WAIT counts the replicas that
+// acknowledged every write its connection made before it, so one WAIT
+// answers for every script of the pipeline, and each call's reply comes
+// with it.
 type autoPipeline struct {
 	client pipeliner
 	max    int
+	acks   acks // none: no acknowledgement commands
 
 	mu      sync.Mutex
 	queue   []*pipedCall
@@ -71,7 +78,8 @@ type pipedCall struct {
 	args   []any
 	size   int // of the arguments, in bytes
 	cmd    *redis.Cmd
-	queued bool // guarded by autoPipeline.mu
+	wait   *redis.Cmd // the last acknowledgement command behind cmd; nil without acks
+	queued bool       // guarded by autoPipeline.mu
 	// done receives one value when cmd is set: the sender's only write
 	// to the call after it took it from the queue.
 	done chan struct{}
@@ -85,11 +93,17 @@ func (c *pipedCall) free() {
 	pipedCalls.Put(c)
 }
 
+func newAutoPipeline(client pipeliner, max int, a acks) *autoPipeline {
+	return &autoPipeline{client: client, max: max, acks: a, wake: make(chan struct{}, max)}
+}
+
 // run queues script with key and args and returns its reply, or the
-// error of ctx when ctx ends first.
-func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string, args []any) *redis.Cmd {
+// error of ctx when ctx ends first. With acknowledgements, wait is the
+// reply of the last acknowledgement command of its pipeline (nil when cmd
+// failed).
+func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string, args []any) (cmd, wait *redis.Cmd) {
 	if err := ctx.Err(); err != nil {
-		return errCmd(ctx, err)
+		return errCmd(ctx, err), nil
 	}
 	c := pipedCalls.Get().(*pipedCall)
 	c.script, c.key, c.args, c.size, c.queued = script, key, args, len(key), true
@@ -118,9 +132,9 @@ func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string
 	}
 	select {
 	case <-c.done:
-		cmd := c.cmd
+		cmd, wait = c.cmd, c.wait
 		c.free()
-		return cmd
+		return cmd, wait
 	case <-ctx.Done():
 	}
 	p.mu.Lock()
@@ -137,7 +151,7 @@ func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string
 	if unsent {
 		c.free()
 	}
-	return errCmd(ctx, ctx.Err())
+	return errCmd(ctx, ctx.Err()), nil
 }
 
 // send sends pipelines of the queued calls until the queue has stayed
@@ -194,7 +208,8 @@ func (p *autoPipeline) send() {
 }
 
 // exec sends batch as one pipeline (EVALSHA each, then EVAL for the
-// scripts Redis did not have cached) and hands each call its reply. The
+// scripts Redis did not have cached, each followed by the acknowledgement
+// commands) and hands each call its reply. The
 // pipeline has no deadline of its own: the client's ReadTimeout and
 // WriteTimeout bound it, and each caller stops waiting at its own
 // context's end.
@@ -215,23 +230,45 @@ func (p *autoPipeline) exec(batch []*pipedCall) {
 	for _, c := range batch {
 		c.cmd = c.script.EvalSha(ctx, pipe, []string{c.key}, c.args...)
 	}
+	wait := p.ackCommands(ctx, pipe)
 	_, _ = pipe.Exec(ctx)
 	var again redis.Pipeliner
 	for _, c := range batch {
+		c.wait = wait
 		if redis.HasErrorPrefix(c.cmd.Err(), "NOSCRIPT") {
 			if again == nil {
 				again = p.client.Pipeline()
 			}
 			// EVAL loads the script into Redis's cache too.
 			c.cmd = c.script.Eval(ctx, again, []string{c.key}, c.args...)
+			c.wait = nil
 		}
 	}
 	if again != nil {
+		wait := p.ackCommands(ctx, again)
 		_, _ = again.Exec(ctx)
+		for _, c := range batch {
+			if c.wait == nil {
+				c.wait = wait
+			}
+		}
 	}
 	for _, c := range batch {
 		c.done <- struct{}{}
 	}
+}
+
+// ackCommands queues the acknowledgement commands on pipe and returns the
+// last one, whose reply decides; nil without acknowledgements.
+func (p *autoPipeline) ackCommands(ctx context.Context, pipe redis.Pipeliner) *redis.Cmd {
+	if p.acks.none() {
+		return nil
+	}
+	var w *redis.Cmd
+	for _, args := range p.acks.commands() {
+		w = pipe.Do(ctx, args...)
+	}
+	return w
 }
 
 // errCmd returns a reply that failed with err.

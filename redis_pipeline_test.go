@@ -23,6 +23,7 @@ import (
 type pipelineHook struct {
 	mu        sync.Mutex
 	sizes     []int // EVALSHA calls per pipeline, in the order they were sent
+	waits     []int // WAIT commands in each of them
 	singles   int   // EVALSHA calls sent on their own
 	inFlight  int
 	maxFlight int
@@ -46,10 +47,13 @@ func (h *pipelineHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 
 func (h *pipelineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
-		n := 0
+		n, waits := 0, 0
 		for _, c := range cmds {
-			if c.Name() == "evalsha" {
+			switch c.Name() {
+			case "evalsha":
 				n++
+			case "wait":
+				waits++
 			}
 		}
 		if n == 0 {
@@ -57,6 +61,7 @@ func (h *pipelineHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 		}
 		h.mu.Lock()
 		h.sizes = append(h.sizes, n)
+		h.waits = append(h.waits, waits)
 		h.inFlight++
 		h.maxFlight = max(h.maxFlight, h.inFlight)
 		hold, panicNow := h.hold, h.panicNext
@@ -89,7 +94,7 @@ func (h *pipelineHook) snapshot() (sizes []int, singles, maxFlight int) {
 func (h *pipelineHook) holdFromNow() (hold chan struct{}) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.sizes, h.singles, h.maxFlight = nil, 0, 0
+	h.sizes, h.waits, h.singles, h.maxFlight = nil, nil, 0, 0
 	h.hold, h.held = make(chan struct{}), make(chan struct{}, 10)
 	return h.hold
 }
@@ -114,11 +119,17 @@ func pipelinedStore(t *testing.T, h *pipelineHook, n int) (*RedisStore, *minired
 	return NewRedisStore(c, WithPipelining(n), WithRedisLogger(nil)), m
 }
 
-// queued returns how many calls wait in s's pipeline queue.
+// queued returns how many calls wait in s's pipeline queues.
 func queued(s *RedisStore) int {
-	s.pipe.mu.Lock()
-	defer s.pipe.mu.Unlock()
-	return len(s.pipe.queue)
+	n := 0
+	for _, p := range []*autoPipeline{s.pipe, s.ackedPipe} {
+		if p != nil {
+			p.mu.Lock()
+			n += len(p.queue)
+			p.mu.Unlock()
+		}
+	}
+	return n
 }
 
 // waitFor polls cond until it holds, failing after a generous deadline.
@@ -348,12 +359,27 @@ func TestPipeliningOff(t *testing.T) {
 	WithPipelining(-1)
 }
 
-// The acknowledged writes keep their own connection: no shared pipeline.
-func TestPipeliningNotWithAcks(t *testing.T) {
+// With acknowledgements a plain client's calls are pipelined, each
+// pipeline ending with the WAIT; a Cluster's or a Ring's are not, since
+// their WAIT must reach each key's own node.
+func TestPipeliningWithAcks(t *testing.T) {
 	c := redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})
 	defer c.Close()
-	if s := NewRedisStore(c, WithReplicaAcks(1, time.Second), WithRedisLogger(nil)); s.pipe != nil {
-		t.Fatal("WithReplicaAcks built a shared pipeline")
+	if s := NewRedisStore(c, WithReplicaAcks(1, time.Second), WithRedisLogger(nil)); s.ackedPipe == nil || s.ackedPipe.acks.none() || s.pipe == nil || !s.pipe.acks.none() {
+		t.Fatal("WithReplicaAcks on a client: want the acknowledged writes pipelined with their WAIT, the rest without")
+	}
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{"127.0.0.1:1"}})
+	defer cc.Close()
+	if s := NewRedisStore(cc, WithReplicaAcks(1, time.Second), WithRedisLogger(nil)); s.ackedPipe != nil {
+		t.Fatal("WithReplicaAcks on a Cluster built a shared acknowledged pipeline")
+	}
+	if s := NewRedisStore(cc, WithRedisLogger(nil)); s.pipe == nil {
+		t.Fatal("a Cluster without acknowledgements is not pipelined")
+	}
+	r := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "127.0.0.1:1"}})
+	defer r.Close()
+	if s := NewRedisStore(r, WithFsyncAcks(0, time.Second), WithRedisLogger(nil)); s.ackedPipe != nil {
+		t.Fatal("WithFsyncAcks on a Ring built a shared acknowledged pipeline")
 	}
 }
 
@@ -491,5 +517,94 @@ func TestPipelineSplitsLongQueues(t *testing.T) {
 				t.Fatalf("pipelines of %v calls, want %v", sizes, want)
 			}
 		})
+	}
+}
+
+// queueClaims starts a claim of each key through s while a pipeline is
+// held, waits until all are queued behind it, releases the pipelines and
+// returns each claim's error.
+func queueClaims(t *testing.T, s *RedisStore, h *pipelineHook, keys []string) []error {
+	t.Helper()
+	hold := h.holdFromNow()
+	ctx := context.Background()
+	errs := make([]error, len(keys)+1)
+	var wg sync.WaitGroup
+	claim := func(i int, key string) {
+		defer wg.Done()
+		r, err := s.Claim(ctx, key, "tok-"+key, []byte("rec"), time.Minute)
+		if err == nil && !r.Claimed {
+			err = fmt.Errorf("%s not claimed: %+v", key, r)
+		}
+		errs[i] = err
+	}
+	wg.Add(1)
+	go claim(len(keys), keys[0]+"-held")
+	<-h.held
+	for i, k := range keys {
+		wg.Add(1)
+		go claim(i, k)
+	}
+	waitFor(t, "the claims to queue", func() bool { return queued(s) == len(keys) })
+	h.mu.Lock()
+	h.hold = nil
+	h.mu.Unlock()
+	close(hold)
+	wg.Wait()
+	return errs[:len(keys)]
+}
+
+// With WithReplicaAcks on a real replica, the claims of one pipeline share
+// one WAIT, and each is on the replica when its caller gets it; with the
+// replica stopped, every claim of a pipeline is refused as not replicated
+// and released.
+func TestPipelinedAcksOnARealReplica(t *testing.T) {
+	p := newReplicaPair(t)
+	c := redis.NewClient(&redis.Options{Addr: p.master.Addr, ContextTimeoutEnabled: true})
+	h := &pipelineHook{}
+	c.AddHook(h)
+	t.Cleanup(func() { c.Close() })
+	prefix := "acks:" + t.Name() + ":"
+	s := NewRedisStore(c, WithKeyPrefix(prefix), WithPipelining(1), WithReplicaAcks(1, 500*time.Millisecond), WithRedisLogger(nil))
+	loadClaimScript(t, s)
+	ctx := context.Background()
+
+	keys := make([]string, 20)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("acked-%d", i)
+	}
+	for i, err := range queueClaims(t, s, h, keys) {
+		if err != nil {
+			t.Fatalf("claim %s: %v", keys[i], err)
+		}
+	}
+	if sizes, _, _ := h.snapshot(); !slices.Equal(sizes, []int{1, len(keys)}) {
+		t.Fatalf("pipelines of %v claims, want [1 %d]", sizes, len(keys))
+	}
+	h.mu.Lock()
+	waits := slices.Clone(h.waits)
+	h.mu.Unlock()
+	if !slices.Equal(waits, []int{1, 1}) {
+		t.Fatalf("WAITs per pipeline %v, want one each", waits)
+	}
+	for _, k := range keys {
+		// No polling: each caller got its claim after the WAIT counted
+		// the replica.
+		if n, err := p.replicaRDB.Exists(ctx, prefix+k).Result(); err != nil || n != 1 {
+			t.Fatalf("the replica lacks %s after its claim returned: %d, %v", k, n, err)
+		}
+	}
+
+	p.freeze(t)
+	refused := make([]string, 10)
+	for i := range refused {
+		refused[i] = fmt.Sprintf("unacked-%d", i)
+	}
+	for i, err := range queueClaims(t, s, h, refused) {
+		if !errors.Is(err, ErrNotReplicated) {
+			t.Fatalf("claim %s with the replica stopped: %v, want ErrNotReplicated", refused[i], err)
+		}
+		if n := p.masterRDB.Exists(ctx, prefix+refused[i]).Val(); n != 0 {
+			t.Fatalf("the unreplicated claim %s was left on the master", refused[i])
+		}
 	}
 }

@@ -72,10 +72,13 @@ type RedisStore struct {
 	slowFsync sync.Once
 	// acks: WithReplicaAcks or WithFsyncAcks (zero: no acknowledgements).
 	acks acks
-	// pipelines is WithPipelining's n; pipe sends the script calls when
-	// it is positive and the client can pipeline (nil otherwise).
+	// pipelines is WithPipelining's n. When it is positive and the client
+	// can pipeline, pipe sends the script calls, and ackedPipe, with
+	// acknowledgements on a client that is not a Cluster or a Ring, the
+	// acknowledged ones (claims and outcome writes); nil otherwise.
 	pipelines int
 	pipe      *autoPipeline
+	ackedPipe *autoPipeline
 }
 
 // RedisOption configures a [RedisStore].
@@ -105,10 +108,12 @@ func WithRedisLogger(l *slog.Logger) RedisOption {
 // records, round trips per call and every guarantee are unchanged; go-redis
 // hooks see pipelines, without the calls' contexts. 0 sends each script
 // call on its own, as a single command on the caller's context. Default
-// [DefaultPipelines]. It does not apply with [WithReplicaAcks] or
-// [WithFsyncAcks], whose acknowledgement commands follow each write on its
-// own connection, nor to a client that cannot pipeline. Panics if n is
-// negative.
+// [DefaultPipelines]. With [WithReplicaAcks] or [WithFsyncAcks], the
+// claims and outcome writes go in pipelines of their own, each ending with
+// one WAIT (or WAIT and WAITAOF), which answers for every write in it; on
+// a Cluster or a Ring, whose WAIT must reach each key's own node, they are
+// not pipelined. It does not apply to a
+// client that cannot pipeline. Panics if n is negative.
 func WithPipelining(n int) RedisOption {
 	if n < 0 {
 		badOption("WithPipelining", n, "the number of pipelines must not be negative (0 turns pipelining off)")
@@ -132,8 +137,11 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 		}
 	}
 	s.bounded = contextTimeoutEnabled(client) == 1
-	if p, ok := client.(pipeliner); ok && s.pipelines > 0 && s.acks.none() {
-		s.pipe = &autoPipeline{client: p, max: s.pipelines, wake: make(chan struct{}, s.pipelines)}
+	if p, ok := client.(pipeliner); ok && s.pipelines > 0 {
+		s.pipe = newAutoPipeline(p, s.pipelines, acks{})
+		if !s.acks.none() && !routesByKey(client) {
+			s.ackedPipe = newAutoPipeline(p, s.pipelines, s.acks)
+		}
 	}
 	if s.acks.fsync && s.logger != nil {
 		// Say at once whether the servers can honour WithFsyncAcks.
@@ -149,7 +157,8 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 func (s *RedisStore) run(ctx context.Context, script *redis.Script, key string, args ...any) *redis.Cmd {
 	s.firstUse()
 	if s.pipe != nil {
-		return s.pipe.run(ctx, script, key, args)
+		cmd, _ := s.pipe.run(ctx, script, key, args)
+		return cmd
 	}
 	keys := []string{key}
 	if s.bounded || ctx.Done() == nil {
