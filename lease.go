@@ -2,7 +2,6 @@ package idempotency
 
 import (
 	"container/heap"
-	"container/list"
 	"context"
 	"errors"
 	"sync"
@@ -68,7 +67,7 @@ type renewer struct {
 	pipelines, renewSlots chan struct{}
 
 	mu       sync.Mutex
-	due      map[int64]*list.List // slot → *leaseKeeper due for their periodic renewal in it
+	due      map[int64]*leaseList // slot → the leases due for their periodic renewal in it
 	retries  retryHeap            // *leaseKeeper retrying a failed try, soonest first
 	running  bool                 // the goroutine runs
 	inFlight int                  // leases with a try in flight
@@ -98,7 +97,7 @@ func newRenewer(store Store, lease time.Duration, hook func(string), clock lease
 	}
 	r := &renewer{store: store, clock: clock, lease: lease, hook: hook,
 		every: lease / 4, slot: max(lease/12, 1), epoch: clock.Now(),
-		pipelines: make(chan struct{}, maxRenewPipelines), renewSlots: make(chan struct{}, 64), due: make(map[int64]*list.List), wake: make(chan struct{}, 1)}
+		pipelines: make(chan struct{}, maxRenewPipelines), renewSlots: make(chan struct{}, 64), due: make(map[int64]*leaseList), wake: make(chan struct{}, 1)}
 	r.batch, _ = store.(BatchRenewer)
 	// A try that hangs ends after tryFor and is retried after at most
 	// maxBackoff: a sixteenth of the lease between two tries, whatever the
@@ -119,16 +118,56 @@ type leaseKeeper struct {
 	record []byte // the in-progress record, to take the key back
 
 	// Guarded by r.mu.
-	due       time.Time
-	backoff   time.Duration
-	slot      int64         // of due, while elem is set
-	elem      *list.Element // in r.due[slot], or nil
-	heapIndex int           // in r.retries, or -1
-	inFlight  bool          // a renewal or take-back is being sent
-	stopped   bool
-	release   bool // stop asked for the key to be released
-	tookBack  bool // a take-back claim was sent; it may land after a release
-	forgotten bool // the record was deleted (Forget) while the call ran
+	due        time.Time
+	backoff    time.Duration
+	slot       int64        // of due, while listed
+	prev, next *leaseKeeper // in r.due[slot], while listed
+	heapIndex  int          // in r.retries, or -1
+	listed     bool         // in r.due[slot]
+	inFlight   bool         // a renewal or take-back is being sent
+	stopped    bool
+	release    bool // stop asked for the key to be released
+	tookBack   bool // a take-back claim was sent; it may land after a release
+
+	// forgotten: the record was deleted (Forget) while the call ran. Set
+	// under r.mu, read without it (wasForgotten).
+	forgotten atomic.Bool
+}
+
+// leaseList is the leases due in one slot, in the order they were filed:
+// a list threaded through leaseKeeper.prev and next, so filing a lease
+// allocates nothing. Callers hold the renewer's mu.
+type leaseList struct {
+	head, tail *leaseKeeper
+	n          int
+}
+
+// push appends k.
+func (l *leaseList) push(k *leaseKeeper) {
+	k.prev, k.next = l.tail, nil
+	if l.tail != nil {
+		l.tail.next = k
+	} else {
+		l.head = k
+	}
+	l.tail = k
+	l.n++
+}
+
+// remove takes k, which is in l, out of it.
+func (l *leaseList) remove(k *leaseKeeper) {
+	if k.prev != nil {
+		k.prev.next = k.next
+	} else {
+		l.head = k.next
+	}
+	if k.next != nil {
+		k.next.prev = k.prev
+	} else {
+		l.tail = k.prev
+	}
+	k.prev, k.next = nil, nil
+	l.n--
 }
 
 // keepLease registers c's lease with the server's renewer, counted from
@@ -229,10 +268,11 @@ func (r *renewer) takeDueLocked(now time.Time) []*leaseKeeper {
 		if s > cur {
 			continue
 		}
-		for e := l.Front(); e != nil; e = e.Next() {
-			k := e.Value.(*leaseKeeper)
-			k.elem = nil
+		for k := l.head; k != nil; {
+			next := k.next
+			k.listed, k.prev, k.next = false, nil, nil
 			batch = append(batch, k)
+			k = next
 		}
 		delete(r.due, s)
 	}
@@ -387,7 +427,7 @@ func (r *renewer) takeBack(k *leaseKeeper) {
 		case k.stopped:
 			k.exitLocked()
 		case errors.Is(err, ErrLeaseLost):
-			k.forgotten = true // Forget fenced our token
+			k.forgotten.Store(true) // Forget fenced our token
 		case err != nil:
 			r.retryLocked(k, r.clock.Now())
 		case res.Claimed || ownsRecord(res.Record, k.token):
@@ -405,10 +445,11 @@ func (r *renewer) scheduleLocked(k *leaseKeeper, due time.Time) {
 	k.slot = r.slotOf(due)
 	l := r.due[k.slot]
 	if l == nil {
-		l = list.New()
+		l = &leaseList{}
 		r.due[k.slot] = l
 	}
-	k.elem = l.PushBack(k)
+	l.push(k)
+	k.listed = true
 	r.wakeForLocked(r.slotStart(k.slot))
 }
 
@@ -459,13 +500,13 @@ func (k *leaseKeeper) stop(release bool) {
 		return
 	}
 	k.stopped, k.release = true, release
-	if k.elem != nil {
+	if k.listed {
 		l := r.due[k.slot]
-		l.Remove(k.elem)
-		if l.Len() == 0 {
+		l.remove(k)
+		if l.n == 0 {
 			delete(r.due, k.slot)
 		}
-		k.elem = nil
+		k.listed = false
 	}
 	if k.heapIndex >= 0 {
 		heap.Remove(&r.retries, k.heapIndex)
@@ -478,9 +519,7 @@ func (k *leaseKeeper) stop(release bool) {
 // wasForgotten reports whether the renewer found the record deleted by
 // Forget while the call ran.
 func (k *leaseKeeper) wasForgotten() bool {
-	k.r.mu.Lock()
-	defer k.r.mu.Unlock()
-	return k.forgotten
+	return k.forgotten.Load()
 }
 
 // retryHeap orders leases waiting to retry by due time.
