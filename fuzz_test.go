@@ -143,7 +143,7 @@ func FuzzDecodeRecord(f *testing.F) {
 		if err != nil || !proto.Equal(rec, rec2) {
 			t.Fatalf("re-encoded record decodes to %v, %v; want %v", rec2, err, rec)
 		}
-		_, _ = entriesToMD(rec.GetHeader())
+		_, _ = entriesToMD(rec.GetHeader(), 0)
 		if rec.GetState() == idempotencyv1.Record_STATE_COMPLETED {
 			g := &grpcCall{ctx: context.Background()}
 			g.call = call{method: methodDo, x: g}

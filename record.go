@@ -162,9 +162,10 @@ func mdToEntries(md metadata.MD) (entries []*idempotencyv1.MetadataEntry, droppe
 
 // entriesToMD converts stored metadata for a replay. It leaves out the
 // connection-specific HTTP fields that earlier versions stored (see
-// connectionSpecific), reporting their keys in dropped.
-func entriesToMD(entries []*idempotencyv1.MetadataEntry) (md metadata.MD, dropped []string) {
-	md = make(metadata.MD, len(entries))
+// connectionSpecific), reporting their keys in dropped. The map has room
+// for extra more keys (the replay marker).
+func entriesToMD(entries []*idempotencyv1.MetadataEntry, extra int) (md metadata.MD, dropped []string) {
+	md = make(metadata.MD, len(entries)+extra)
 	for _, e := range entries {
 		if connectionSpecific(e.GetKey()) {
 			dropped = append(dropped, e.GetKey())

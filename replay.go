@@ -29,39 +29,60 @@ func (s *server) answer(ctx context.Context, c *call, rec *idempotencyv1.Record)
 
 // replay answers a repeat from a completed record.
 func (s *server) replay(ctx context.Context, c *call, rec *idempotencyv1.Record) (any, error) {
-	sp := &spb.Status{Code: rec.GetStatus().GetCode(), Message: rec.GetStatus().GetMessage(), Details: rec.GetStatus().GetDetails()}
+	code := codes.Code(rec.GetStatus().GetCode())
 	if s.o.rejectRepeats {
-		// The stored outcome travels as is: the response bytes in an Any of
-		// the response type, or the stored error as a google.rpc.Status.
-		var detail proto.Message = sp
-		if sp.Code == int32(codes.OK) {
-			detail = &anypb.Any{TypeUrl: "type.googleapis.com/" + rec.GetResponseType(), Value: rec.GetResponse()}
-		}
-		return nil, s.fail(ctx, c, OutcomeAlreadyProcessed, errAlreadyProcessed(c.method, detail), nil)
+		return nil, s.refuseRepeat(ctx, c, rec)
 	}
-	var resp proto.Message
-	if sp.Code == int32(codes.OK) {
-		mt, err := s.policies.messageType(c.method, rec.GetResponseType())
+	stored := Stored{Status: okStatus}
+	if code == codes.OK {
+		resp, err := s.storedResponse(c, rec)
 		if err != nil {
 			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), err)
 		}
-		resp = mt.New().Interface()
-		if err := proto.Unmarshal(rec.GetResponse(), resp); err != nil {
-			return nil, s.fail(ctx, c, OutcomeRecordCorrupt, errCorrupt(c.method), fmt.Errorf("%w: response: %v", ErrCorruptRecord, err))
-		}
+		stored.Response = resp
+	} else {
+		stored.Status = status.FromProto(storedStatus(rec))
 	}
-	header, hdropped := entriesToMD(rec.GetHeader())
-	header.Append(ReplayedHeader, "true")
-	stored := Stored{Response: resp, Status: okStatus, Header: header}
-	if sp.Code != int32(codes.OK) {
-		stored.Status = status.FromProto(sp)
-	}
-	var tdropped []string
+	var hdropped, tdropped []string
+	stored.Header, hdropped = entriesToMD(rec.GetHeader(), 1)
+	stored.Header[ReplayedHeader] = append(stored.Header[ReplayedHeader], "true")
 	if len(rec.GetTrailer()) > 0 {
-		stored.Trailer, tdropped = entriesToMD(rec.GetTrailer())
+		stored.Trailer, tdropped = entriesToMD(rec.GetTrailer(), 0)
 	}
 	c.ev.DroppedMetadata = droppedKeys(hdropped, tdropped)
-	c.ev.Outcome, c.ev.Code = OutcomeReplayed, codes.Code(sp.Code)
+	c.ev.Outcome, c.ev.Code = OutcomeReplayed, code
 	s.emit(ctx, c)
 	return c.x.Replay(ctx, stored)
+}
+
+// storedResponse decodes the stored response of rec, a completed record
+// of a response, into a message of its type.
+func (s *server) storedResponse(c *call, rec *idempotencyv1.Record) (proto.Message, error) {
+	mt, err := s.policies.messageType(c.method, rec.GetResponseType())
+	if err != nil {
+		return nil, err
+	}
+	resp := mt.New().Interface()
+	if err := proto.Unmarshal(rec.GetResponse(), resp); err != nil {
+		return nil, fmt.Errorf("%w: response: %v", ErrCorruptRecord, err)
+	}
+	return resp, nil
+}
+
+// refuseRepeat refuses a repeat in reject-repeats mode (AlreadyExists)
+// with the stored outcome as it is: the response bytes in an Any of the
+// response type, or the stored error as a google.rpc.Status.
+//
+//go:noinline
+func (s *server) refuseRepeat(ctx context.Context, c *call, rec *idempotencyv1.Record) error {
+	var detail proto.Message = storedStatus(rec)
+	if rec.GetStatus().GetCode() == int32(codes.OK) {
+		detail = &anypb.Any{TypeUrl: "type.googleapis.com/" + rec.GetResponseType(), Value: rec.GetResponse()}
+	}
+	return s.fail(ctx, c, OutcomeAlreadyProcessed, errAlreadyProcessed(c.method, detail), nil)
+}
+
+// storedStatus returns the stored status of rec as a google.rpc.Status.
+func storedStatus(rec *idempotencyv1.Record) *spb.Status {
+	return &spb.Status{Code: rec.GetStatus().GetCode(), Message: rec.GetStatus().GetMessage(), Details: rec.GetStatus().GetDetails()}
 }

@@ -119,7 +119,9 @@ func StoreKey(fullMethod, scope, key string) string {
 		buf = append(buf, part...)
 	}
 	sum := sha256.Sum256(buf)
-	return hex.EncodeToString(sum[:])
+	var out [2 * sha256.Size]byte // one allocation: the string
+	hex.Encode(out[:], sum[:])
+	return string(out[:])
 }
 
 // BatchRenewer is implemented by stores that renew many leases in one
