@@ -19,7 +19,9 @@ import (
 
 // ackServers are the servers every acknowledgement test runs on: Redis
 // and Valkey differ in what a WAIT on a connection that wrote nothing
-// answers.
+// answers. Each test starts its own master and replica per server (most
+// freeze the replica) and mostly waits on them, so the tests and their
+// per-server subtests run in parallel.
 var ackServers = []string{"redis-server", "valkey-server"}
 
 // retryingClient is a client on addr whose reads time out after
@@ -41,8 +43,10 @@ func retryingClient(t *testing.T, addr string, readTimeout time.Duration) *redis
 // Unavailable (STORE_NOT_REPLICATED), the handler never runs, and the
 // claim is not left on the master.
 func TestReplicaAcksClaimRetriedByClient(t *testing.T) {
+	t.Parallel()
 	for _, binary := range ackServers {
 		t.Run(binary, func(t *testing.T) {
+			t.Parallel()
 			p := startReplicaPair(t, binary, false)
 			c := retryingClient(t, p.master.Addr, 150*time.Millisecond)
 			prefix := "acks:" + t.Name() + ":"
@@ -73,8 +77,10 @@ func TestReplicaAcksClaimRetriedByClient(t *testing.T) {
 // the claim and no replica holds it. (With a read timeout shorter than the
 // WAIT timeout every try times out, so the error is the client's timeout.)
 func TestReplicaAcksStoreClaimRetriedByClient(t *testing.T) {
+	t.Parallel()
 	for _, binary := range ackServers {
 		t.Run(binary, func(t *testing.T) {
+			t.Parallel()
 			p := startReplicaPair(t, binary, false)
 			c := retryingClient(t, p.master.Addr, 150*time.Millisecond)
 			store := NewRedisStore(c, WithKeyPrefix("acks:"+t.Name()+":"), WithReplicaAcks(1, 2*time.Second), WithRedisLogger(nil))
@@ -98,6 +104,7 @@ func TestReplicaAcksStoreClaimRetriedByClient(t *testing.T) {
 // rewrites its TTL, so every resend's WAIT waits too, and Complete reports
 // an error, never a stored and acknowledged outcome.
 func TestReplicaAcksStoreCompleteRetriedByClient(t *testing.T) {
+	t.Parallel()
 	for _, binary := range ackServers {
 		t.Run(binary, func(t *testing.T) {
 			t.Parallel()
@@ -123,8 +130,10 @@ func TestReplicaAcksStoreCompleteRetriedByClient(t *testing.T) {
 // and frees the key, where it used to return the record as if claimed;
 // with the replica healthy it returns the record, its lease renewed.
 func TestReplicaAcksOwnClaimNeedsAck(t *testing.T) {
+	t.Parallel()
 	for _, binary := range ackServers {
 		t.Run(binary, func(t *testing.T) {
+			t.Parallel()
 			p := startReplicaPair(t, binary, false)
 			prefix := "acks:" + t.Name() + ":"
 			store := NewRedisStore(p.masterRDB, WithKeyPrefix(prefix), WithReplicaAcks(1, 300*time.Millisecond), WithRedisLogger(nil))
@@ -197,8 +206,10 @@ func TestAckTimeoutAgainstReadTimeout(t *testing.T) {
 // replica holds the in-progress record when the take-back returns), a
 // duplicate is told the call is in progress, and the handler runs once.
 func TestReplicaAcksTakeBack(t *testing.T) {
+	t.Parallel()
 	for _, binary := range ackServers {
 		t.Run(binary, func(t *testing.T) {
+			t.Parallel()
 			p := startReplicaPair(t, binary, false)
 			prefix := "acks:" + t.Name() + ":"
 			acked := NewRedisStore(p.masterRDB, WithKeyPrefix(prefix), WithReplicaAcks(1, 2*time.Second), WithRedisLogger(nil))
@@ -254,6 +265,7 @@ func TestReplicaAcksTakeBack(t *testing.T) {
 // refused, every claim on "paired" accepted; CheckConfig names the shard
 // without replicas (it used to ask one shard chosen at random).
 func TestReplicaAcksOnRing(t *testing.T) {
+	t.Parallel()
 	for _, binary := range ackServers {
 		t.Run(binary, func(t *testing.T) {
 			t.Parallel()

@@ -70,6 +70,7 @@ func TestLookupAndForget(t *testing.T) {
 // forgotten lease would have ended); its caller still gets the answer, the
 // server reports lease_lost, and the next call runs the handler.
 func TestForgottenRecordIsNotWrittenBack(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name  string
 		lease time.Duration
@@ -79,6 +80,7 @@ func TestForgottenRecordIsNotWrittenBack(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			forEachBackend(t, func(t *testing.T, b *backend) {
+				t.Parallel()
 				admin := b.store.(AdminStore)
 				b.realTime(t)
 				var fenced atomic.Int64

@@ -268,6 +268,7 @@ func TestDoStoreUnavailable(t *testing.T) {
 // with the key after the first lease would have ended is refused as in
 // progress rather than run a second time.
 func TestDoLeaseRenewed(t *testing.T) {
+	t.Parallel()
 	const lease = 1500 * time.Millisecond // renewed every 375ms
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		t.Parallel()

@@ -2,7 +2,9 @@ package idempotency
 
 import (
 	"context"
+	"sync"
 	"testing"
+	"time"
 )
 
 // The real-server harness of this package's tests, for its external tests
@@ -24,4 +26,33 @@ func SharedRedisClusterAddrsForTest(t *testing.T) []string { return sharedCluste
 func NewMemTxStoreForTest() (store TxStore, write func(context.Context) error, writes func() int) {
 	s := newMemTxStore()
 	return s, memWrite, s.writes
+}
+
+// NewMemTxStoreOnClockForTest is NewMemTxStoreForTest on a clock that
+// moves only by advance.
+func NewMemTxStoreOnClockForTest() (store TxStore, write func(context.Context) error, writes func() int, advance func(time.Duration)) {
+	s := newMemTxStore()
+	return s, memWrite, s.writes, onFakeClock(s.MemoryStore)
+}
+
+// NewMemoryStoreOnClockForTest returns a MemoryStore whose clock moves only
+// by advance, so expiry tests need not wait.
+func NewMemoryStoreOnClockForTest() (store *MemoryStore, advance func(time.Duration)) {
+	s := NewMemoryStore()
+	return s, onFakeClock(s)
+}
+
+// onFakeClock puts s on a clock that starts at the real time and moves only
+// by the advance it returns.
+func onFakeClock(s *MemoryStore) (advance func(time.Duration)) {
+	var mu sync.Mutex
+	now := time.Now()
+	s.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	return func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+}
+
+// SkipUnlessLongForTest skips t unless IDEMPOTENCY_LONG is set (long_test.go).
+func SkipUnlessLongForTest(t testing.TB) {
+	t.Helper()
+	skipUnlessLong(t)
 }

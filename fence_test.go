@@ -70,6 +70,7 @@ func (p *pausedRenewals) Renew(ctx context.Context, key, token string, lease tim
 // (miniredis FastForward, the memory store's clock), or, on redis-server,
 // the test waits until the key has expired.
 func TestFenceRefusesStaleOwner(t *testing.T) {
+	t.Parallel()
 	for _, bf := range backendFactories {
 		t.Run(bf.name, func(t *testing.T) {
 			b := bf.new(t)

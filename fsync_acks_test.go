@@ -176,6 +176,7 @@ func TestFsyncAcksOnAReplicatedValkey(t *testing.T) {
 // claim behind, and says why: a warning logged at construction, before any
 // call, and from CheckConfig.
 func TestFsyncAcksRefusedWhereUnsupported(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name   string
 		server func(t *testing.T) *redisServer
@@ -237,6 +238,7 @@ func TestAckOptionsConflict(t *testing.T) {
 // measured). Now a WAIT goes first, and the median of 7 claims, each a
 // write acknowledged [1 1], is well under half a second.
 func TestFsyncAcksWithReplicaTakeMilliseconds(t *testing.T) {
+	t.Parallel()
 	pair := startReplicaPair(t, "valkey-server", false, "--appendonly", "yes", "--appendfsync", "always")
 	acked := &ackReplies{}
 	pair.masterRDB.AddHook(acked)
@@ -269,6 +271,7 @@ func TestFsyncAcksWithReplicaTakeMilliseconds(t *testing.T) {
 // (each write then waits about a second for the replica's fsync), since a
 // master cannot report its replicas' settings to CheckConfig.
 func TestFsyncAcksWarnsOfSlowReplicaFsync(t *testing.T) {
+	t.Parallel()
 	pair := startReplicaPair(t, "valkey-server", false, "--appendonly", "yes", "--appendfsync", "everysec")
 	log, buf := bufferLogger()
 	c := redis.NewClient(&redis.Options{Addr: pair.master.Addr, ReadTimeout: 10 * time.Second, ContextTimeoutEnabled: true})

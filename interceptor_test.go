@@ -472,6 +472,7 @@ func (c *countingStore) Renew(ctx context.Context, key, token string, lease time
 // keeps the key: duplicates arriving meanwhile meet it in progress and never
 // run it again.
 func TestLeaseRenewal(t *testing.T) {
+	t.Parallel()
 	forEachBackend(t, func(t *testing.T, b *backend) {
 		t.Parallel() // each waits out three leases
 		release := make(chan struct{})
@@ -554,9 +555,11 @@ func TestFencingStaleOwner(t *testing.T) {
 // TestStoreDownFailsClosed verifies that when Redis is unreachable calls get
 // Unavailable and the handler never runs, and that fail-open runs it.
 func TestStoreDownFailsClosed(t *testing.T) {
+	t.Parallel()
 	for _, real := range []bool{false, true} {
 		name := map[bool]string{false: "miniredis", true: "redis-server"}[real]
 		t.Run(name, func(t *testing.T) {
+			t.Parallel()
 			var addr string
 			var stop func()
 			if real {

@@ -1,7 +1,9 @@
 package idempotency
 
 // The lease against a store that hangs or answers late: each test counts
-// the handler's executions across two servers sharing one store.
+// the handler's executions across two servers sharing one store. Each test
+// has a store of its own and mostly waits out real leases, so they run in
+// parallel.
 
 import (
 	"context"
@@ -103,6 +105,7 @@ func (l *renewLog) maxGap(from, to time.Time) time.Duration {
 // the fix each try blocked the renewer for a quarter of the lease, the next
 // one came after the lease had ended, and B ran the handler again.
 func TestLeaseSurvivesHungStore(t *testing.T) {
+	t.Parallel()
 	redisSrv := newRedisServer(t)
 	proxy := newFaultProxy(t, redisSrv.Addr)
 	const lease = 2 * time.Second
@@ -167,6 +170,7 @@ func TestLeaseSurvivesHungStore(t *testing.T) {
 // call is in progress. Before the fix the first renewal was timed from the
 // reply, a quarter to a third of a lease later, after the lease had ended.
 func TestLeaseCountedFromClaimSend(t *testing.T) {
+	t.Parallel()
 	const lease = 1200 * time.Millisecond
 	mem := NewMemoryStore()
 	var appliedAt atomic.Pointer[time.Time]
@@ -211,9 +215,11 @@ func TestLeaseCountedFromClaimSend(t *testing.T) {
 // nothing proves its lease is still held. It answers Unavailable, and frees
 // its claim if it still holds it (fenced by its token).
 func TestClaimAnsweredAfterItsLeaseIsNotRun(t *testing.T) {
+	t.Parallel()
 	const lease = 300 * time.Millisecond
 	for _, claimedMeanwhile := range []bool{true, false} {
 		t.Run(fmt.Sprintf("claimed meanwhile %v", claimedMeanwhile), func(t *testing.T) {
+			t.Parallel()
 			mem := NewMemoryStore()
 			applied, reply := make(chan struct{}), make(chan struct{})
 			var once sync.Once

@@ -295,7 +295,9 @@ func TestAnswerNotDelayedByRenewal(t *testing.T) {
 // key (a transient error), no renewal of it begins: a late renewal could
 // otherwise take a released key back and strand it until its lease ends.
 func TestNoRenewalAfterRelease(t *testing.T) {
+	t.Parallel()
 	forEachBackend(t, func(t *testing.T, b *backend) {
+		t.Parallel()
 		var mu sync.Mutex
 		released := map[string]bool{}
 		var late, renewals atomic.Int64

@@ -45,6 +45,7 @@ func bufferLogger() (*slog.Logger, *syncBuffer) {
 // noeviction, says nothing when it is, and says the policy could not be
 // checked when the server refuses CONFIG GET.
 func TestRedisEvictionPolicyWarning(t *testing.T) {
+	t.Parallel()
 	requireRedisServer(t)
 	for _, tc := range []struct {
 		name   string
@@ -58,6 +59,7 @@ func TestRedisEvictionPolicyWarning(t *testing.T) {
 		{"CONFIG refused", []string{"--rename-command", "CONFIG", ""}, []string{"could not check maxmemory-policy", "noeviction"}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			srv := newRedisServer(t, tc.args...)
 			c := redis.NewClient(&redis.Options{Addr: srv.Addr, ContextTimeoutEnabled: true})
 			t.Cleanup(func() { c.Close() })
@@ -110,6 +112,7 @@ func TestRedisEvictionPolicyWarning(t *testing.T) {
 // with a short deadline returns, and the store says why it bounds calls
 // itself.
 func TestStoreBoundsCallsWhenClientIgnoresDeadlines(t *testing.T) {
+	t.Parallel()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

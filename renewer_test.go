@@ -37,6 +37,7 @@ type onlyStore struct{ Store }
 // goroutine ends when no lease is left. Without a BatchRenewer the same
 // leases are renewed one by one.
 func TestRenewerBatchesTheLeasesOfAllCalls(t *testing.T) {
+	t.Parallel()
 	for _, batched := range []bool{true, false} {
 		name := "batch"
 		if !batched {
@@ -77,6 +78,7 @@ func TestRenewerBatchesTheLeasesOfAllCalls(t *testing.T) {
 // A tick sends at most 256 renewals per pipeline: 1,000 calls in flight,
 // started together, are renewed in several capped batches.
 func TestRenewalBatchesAreCapped(t *testing.T) {
+	t.Parallel()
 	counter := &batchCounter{MemoryStore: NewMemoryStore()}
 	var renewals atomic.Int64
 	// A lease long enough that no claim answers too late for it, even

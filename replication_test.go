@@ -114,6 +114,7 @@ func (p *replicaPair) freeze(t *testing.T) (thaw func()) {
 // round trips and a replay one (WAIT is pipelined behind the script), and
 // the record is on the replica when the caller gets its answer.
 func TestReplicaAcksOnARealReplica(t *testing.T) {
+	t.Parallel()
 	p := newReplicaPair(t)
 	rt := &roundTrips{}
 	p.masterRDB.AddHook(rt)
@@ -152,6 +153,7 @@ func TestReplicaAcksOnARealReplica(t *testing.T) {
 // is released and answered Unavailable (STORE_NOT_REPLICATED), and that the
 // handler does not run; once the replica is back, the same key runs once.
 func TestReplicaAcksRefusedClaim(t *testing.T) {
+	t.Parallel()
 	p := newReplicaPair(t)
 	prefix := "acks:" + t.Name() + ":"
 	store := NewRedisStore(p.masterRDB, WithKeyPrefix(prefix), WithReplicaAcks(1, 200*time.Millisecond), WithRedisLogger(nil))
@@ -222,6 +224,7 @@ func TestReplicaAcksUnreplicatedOutcome(t *testing.T) {
 // to an arbitrary shard): on a cluster without replicas every claim is
 // refused as not replicated, never with a routing error, and nothing runs.
 func TestReplicaAcksOnCluster(t *testing.T) {
+	t.Parallel()
 	addrs := sharedCluster(t)
 	c := redis.NewClusterClient(&redis.ClusterOptions{Addrs: addrs, ContextTimeoutEnabled: true})
 	t.Cleanup(func() { c.Close() })

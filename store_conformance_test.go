@@ -22,12 +22,25 @@ func conformancePrefix() string {
 
 // TestStoreConformance runs the public Store contract suite
 // (idempotencytest.RunStoreTests) against every store of this repository:
-// the memory store, Redis on miniredis (its clock moved with FastForward),
+// the memory store (on a clock the suite moves; in real time too under
+// IDEMPOTENCY_LONG), Redis on miniredis (its clock moved with FastForward),
 // a real redis-server (with and without pipelining) and a real 3-master
-// Redis Cluster (in real time). The
-// stores run side by side: the real-time ones mostly wait out leases.
+// Redis Cluster (in real time). The stores run side by side: the real-time
+// ones mostly wait out leases.
 func TestStoreConformance(t *testing.T) {
+	t.Parallel()
 	t.Run("memory", func(t *testing.T) {
+		t.Parallel()
+		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
+			s, advance := idempotency.NewMemoryStoreOnClockForTest()
+			return idempotencytest.Harness{Store: s, Advance: advance}
+		})
+	})
+	// The memory store on the wall clock: the suite's expiry rules then wait
+	// about 4 s. The fake clock above runs the same rules; the memory
+	// store's real-time expiry is also what every forEachBackend test uses.
+	t.Run("memory in real time", func(t *testing.T) {
+		idempotency.SkipUnlessLongForTest(t)
 		t.Parallel()
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
 			return idempotencytest.Harness{Store: idempotency.NewMemoryStore()}
@@ -79,10 +92,22 @@ func TestStoreConformance(t *testing.T) {
 }
 
 // The TxStore contract against the in-memory TxStore of the tests: a
-// second implementation, so the suite is not shaped to Postgres alone.
+// second implementation, so the suite is not shaped to Postgres alone. It
+// runs on a clock the suite moves, and under IDEMPOTENCY_LONG in real time
+// too.
 func TestMemTxStoreConformance(t *testing.T) {
-	idempotencytest.RunTxStoreTests(t, func(t *testing.T) idempotencytest.TxHarness {
-		s, write, writes := idempotency.NewMemTxStoreForTest()
-		return idempotencytest.TxHarness{Store: s, Write: write, Writes: func(*testing.T) int { return writes() }}
+	t.Parallel()
+	t.Run("fake clock", func(t *testing.T) {
+		idempotencytest.RunTxStoreTests(t, func(t *testing.T) idempotencytest.TxHarness {
+			s, write, writes, advance := idempotency.NewMemTxStoreOnClockForTest()
+			return idempotencytest.TxHarness{Store: s, Write: write, Writes: func(*testing.T) int { return writes() }, Advance: advance}
+		})
+	})
+	t.Run("real time", func(t *testing.T) {
+		idempotency.SkipUnlessLongForTest(t)
+		idempotencytest.RunTxStoreTests(t, func(t *testing.T) idempotencytest.TxHarness {
+			s, write, writes := idempotency.NewMemTxStoreForTest()
+			return idempotencytest.TxHarness{Store: s, Write: write, Writes: func(*testing.T) int { return writes() }}
+		})
 	})
 }
