@@ -234,6 +234,7 @@ func TestClientDroppedAnswer(t *testing.T) {
 // in-progress answer whose RetryInfo delay ends past the deadline is
 // returned at once, after one attempt, instead of waiting.
 func TestClientDeadline(t *testing.T) {
+	t.Parallel()
 	t.Run("backoff", func(t *testing.T) {
 		for _, k := range clientKinds {
 			t.Run(k.name, func(t *testing.T) {
@@ -310,6 +311,7 @@ func TestClientDeadline(t *testing.T) {
 // runs waits at least the server's RetryInfo delay, then gets the first
 // call's answer as a replay: the handler runs once.
 func TestClientInProgress(t *testing.T) {
+	t.Parallel()
 	for _, k := range clientKinds {
 		t.Run(k.name, func(t *testing.T) {
 			entered, release := make(chan struct{}), make(chan struct{})
@@ -618,6 +620,7 @@ func TestClientOptionsRefuse(t *testing.T) {
 // get KEY_IN_PROGRESS while the handler runs, then its stored answer as a
 // replay. The handler runs once.
 func TestClientPerAttemptTimeout(t *testing.T) {
+	t.Parallel()
 	for _, k := range clientKinds {
 		t.Run(k.name, func(t *testing.T) {
 			release := make(chan struct{})

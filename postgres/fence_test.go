@@ -44,6 +44,7 @@ func (p *pausedStore) RenewBatch(context.Context, []string, []string, time.Durat
 // cannot reach): the late write is refused, and the ledger holds one row,
 // the second owner's, although both wrote.
 func TestFenceRefusesStaleOwner(t *testing.T) {
+	t.Parallel()
 	storeA, pool := testStore(t)
 	ctx := testCtx(t)
 	storeB, err := New(ctx, pool, WithTable(strings.Join(storeA.table, ".")))

@@ -21,7 +21,9 @@ func TestMain(m *testing.M) {
 var tables atomic.Int64
 
 // testStore returns a store on a table of its own in the shared cluster,
-// and its pool.
+// and its pool. Since no two tests share a table, the tests that mostly wait
+// out leases and timeouts run in parallel (t.Parallel); the ones that load
+// the server (the sweep and the storms) do not.
 func testStore(t testing.TB, opts ...Option) (*Store, *pgxpool.Pool) {
 	t.Helper()
 	pool := pgtest.Shared(t).Pool(t, func(c *pgxpool.Config) { c.MaxConns = 40 })

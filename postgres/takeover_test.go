@@ -154,6 +154,7 @@ func sessionGone(t *testing.T, pool *pgxpool.Pool, pid uint32) {
 // the handler, and A's outcome must commit: one external call, one row,
 // and the retry replays.
 func TestTxIdleInTransactionTimeoutNeitherDuplicatesNorLosesTheCall(t *testing.T) {
+	t.Parallel()
 	ts := newTwoServers(t, func(c *pgxpool.Config) {
 		c.ConnConfig.RuntimeParams["idle_in_transaction_session_timeout"] = "300"
 	})
@@ -293,6 +294,7 @@ func TestTxLiveOwnerWhoseSessionDiedKeepsItsKeyAcrossRenewals(t *testing.T) {
 // claim may be too old for the interceptor to trust its lease (it answers
 // STORE_UNAVAILABLE, nothing run) or it runs: never twice.
 func TestTxFullPoolDoesNotStarveTheRenewals(t *testing.T) {
+	t.Parallel()
 	ts := newTwoServers(t, func(c *pgxpool.Config) { c.MaxConns = 2 }, idempotency.WithLease(1500*time.Millisecond))
 	release, unblock := gate(t)
 	started := make(chan string, 3)
@@ -413,6 +415,12 @@ func TestTxTakeoverWhileTheFirstTransactionIsOpenCommitsOnce(t *testing.T) {
 // held nothing but the claim's lock: no transaction had begun. The
 // handler's transaction then begins on a new connection, and the call
 // commits as if nothing happened; a duplicate on B meanwhile is refused.
+//
+// It stays serial: side by side with other tests under -race, A's call
+// once in 20 runs never reached its handler (likely cause: A's sessions
+// end after 300ms idle, and pgxpool checks only connections idle for a
+// second before handing one out, so a busy machine's slow setup leaves A a
+// connection the server has ended).
 func TestTxSessionDeadBeforeTheFirstStatementIsReplaced(t *testing.T) {
 	for _, first := range []string{"insert", "copy"} {
 		t.Run(first, func(t *testing.T) { testSessionDeadBeforeTheFirstStatement(t, first == "copy") })
@@ -435,7 +443,11 @@ func testSessionDeadBeforeTheFirstStatement(t *testing.T, copyFirst bool) {
 		_, _, err := ts.charge(ctx, ts.a, "idle-session")
 		done <- err
 	}()
-	<-waiting
+	select {
+	case <-waiting:
+	case err := <-done:
+		t.Fatalf("A's call ended before its handler ran: %v", err)
+	}
 	time.Sleep(600 * time.Millisecond) // twice the idle timeout
 	_, _, err := ts.charge(ctx, ts.b, "idle-session")
 	require.Equal(t, codes.Aborted, status.Code(err), "the duplicate on B: %v", err)

@@ -38,6 +38,7 @@ func (p *pausedRenewals) Renew(ctx context.Context, key, token string, lease tim
 // and a retry replays it. With the charges in memory, and in Postgres (the
 // records in Redis, so the fence is the only guard of the charges table).
 func TestStaleOwnerChargesNothing(t *testing.T) {
+	t.Parallel()
 	for _, inPostgres := range []bool{false, true} {
 		name := map[bool]string{false: "memory", true: "postgres"}[inPostgres]
 		t.Run(name, func(t *testing.T) {

@@ -14,6 +14,7 @@ import (
 // serve --postgres, in process: a charge and its retry make one row in the
 // charges table, and ListCharges reads that table.
 func TestServePostgresKeepsChargesInTheTable(t *testing.T) {
+	t.Parallel()
 	pg := pgtest.Start(t)
 	ctx := testContext(t)
 	book, err := openBook(ctx, pg.DSN)
