@@ -558,6 +558,7 @@ func queueClaims(t *testing.T, s *RedisStore, h *pipelineHook, keys []string) []
 // replica stopped, every claim of a pipeline is refused as not replicated
 // and released.
 func TestPipelinedAcksOnARealReplica(t *testing.T) {
+	t.Parallel() // its own master and replica; it mostly waits on them
 	p := newReplicaPair(t)
 	c := redis.NewClient(&redis.Options{Addr: p.master.Addr, ContextTimeoutEnabled: true})
 	h := &pipelineHook{}
