@@ -195,37 +195,40 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 	}
 	s.firstUse()
 	start := time.Now()
+	var wait *redis.Cmd
 	if s.ackedPipe != nil {
-		var wait *redis.Cmd
-		if cmd, wait = s.ackedPipe.run(ctx, script, key, args); cmd.Err() != nil {
-			return cmd, nil
-		}
-		return cmd, s.checkAcks(wait, start)
+		cmd, wait = s.ackedPipe.run(ctx, script, key, args)
+	} else {
+		cmd, wait = s.runAckedAlone(ctx, script, key, args)
 	}
+	if cmd.Err() != nil {
+		return cmd, nil
+	}
+	return cmd, s.checkAcks(wait, start)
+}
+
+// runAckedAlone sends script and the acknowledgement commands in a pipeline
+// of their own, bounded by ctx, and returns the script's reply and the
+// last acknowledgement command's (nil when the script failed).
+func (s *RedisStore) runAckedAlone(ctx context.Context, script *redis.Script, key string, args []any) (cmd, wait *redis.Cmd) {
 	var p redis.Pipeliner
 	switch c := s.client.(type) {
 	case masterForKey:
 		m, err := c.MasterForKey(ctx, key)
 		if err != nil {
-			cmd = redis.NewCmd(ctx)
-			cmd.SetErr(fmt.Errorf("finding the master of the key: %w", err))
-			return cmd, nil
+			return errCmd(ctx, fmt.Errorf("finding the master of the key: %w", err)), nil
 		}
 		p = m.Pipeline()
 	case shardForKey:
 		m, err := c.GetShardClientForKey(key)
 		if err != nil {
-			cmd = redis.NewCmd(ctx)
-			cmd.SetErr(fmt.Errorf("finding the shard of the key: %w", err))
-			return cmd, nil
+			return errCmd(ctx, fmt.Errorf("finding the shard of the key: %w", err)), nil
 		}
 		p = m.Pipeline()
 	case pipeliner:
 		p = c.Pipeline()
 	default:
-		cmd = redis.NewCmd(ctx)
-		cmd.SetErr(fmt.Errorf("%s needs a client that can pipeline, not %T", s.acks.option, s.client))
-		return cmd, nil
+		return errCmd(ctx, fmt.Errorf("%s needs a client that can pipeline, not %T", s.acks.option, s.client)), nil
 	}
 	exec := func(eval bool) (*redis.Cmd, *redis.Cmd) {
 		var c *redis.Cmd
@@ -248,27 +251,19 @@ func (s *RedisStore) runAcked(ctx context.Context, script *redis.Script, key str
 		}
 		return c, w
 	}
-	var wait *redis.Cmd
 	if s.bounded || ctx.Done() == nil {
-		cmd, wait = both()
-	} else {
-		// The client would not bound the pipeline by ctx: bound it here.
-		type result struct{ c, w *redis.Cmd }
-		done := make(chan result, 1)
-		go func() { c, w := both(); done <- result{c, w} }()
-		select {
-		case r := <-done:
-			cmd, wait = r.c, r.w
-		case <-ctx.Done():
-			cmd = redis.NewCmd(ctx)
-			cmd.SetErr(ctx.Err())
-			return cmd, nil
-		}
+		return both()
 	}
-	if cmd.Err() != nil {
-		return cmd, nil
+	// The client would not bound the pipeline by ctx: bound it here.
+	type result struct{ c, w *redis.Cmd }
+	done := make(chan result, 1)
+	go func() { c, w := both(); done <- result{c, w} }()
+	select {
+	case r := <-done:
+		return r.c, r.w
+	case <-ctx.Done():
+		return errCmd(ctx, ctx.Err()), nil
 	}
-	return cmd, s.checkAcks(wait, start)
 }
 
 // checkAcks reads the reply of the last acknowledgement command of a write

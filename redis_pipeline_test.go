@@ -116,7 +116,13 @@ func pipelinedStore(t *testing.T, h *pipelineHook, n int) (*RedisStore, *minired
 	c := redis.NewClient(&redis.Options{Addr: m.Addr()})
 	c.AddHook(h)
 	t.Cleanup(func() { c.Close() })
-	return NewRedisStore(c, WithPipelining(n), WithRedisLogger(nil)), m
+	s := NewRedisStore(c, WithPipelining(n), WithRedisLogger(nil))
+	if s.pipe != nil {
+		// Every call queued, so the tests see each in a pipeline
+		// (TestPipelineLoneCallGoesAlone tests the lone call).
+		s.pipe.alone = nil
+	}
+	return s, m
 }
 
 // queued returns how many calls wait in s's pipeline queues.
@@ -566,6 +572,7 @@ func TestPipelinedAcksOnARealReplica(t *testing.T) {
 	t.Cleanup(func() { c.Close() })
 	prefix := "acks:" + t.Name() + ":"
 	s := NewRedisStore(c, WithKeyPrefix(prefix), WithPipelining(1), WithReplicaAcks(1, 500*time.Millisecond), WithRedisLogger(nil))
+	s.pipe.alone, s.ackedPipe.alone = nil, nil
 	loadClaimScript(t, s)
 	ctx := context.Background()
 
@@ -607,5 +614,120 @@ func TestPipelinedAcksOnARealReplica(t *testing.T) {
 		if n := p.masterRDB.Exists(ctx, prefix+refused[i]).Val(); n != 0 {
 			t.Fatalf("the unreplicated claim %s was left on the master", refused[i])
 		}
+	}
+}
+
+// A call with nothing else in flight is sent alone from its caller's
+// goroutine; a call that comes while it is in flight is queued and sent by
+// a sender.
+func TestPipelineLoneCallGoesAlone(t *testing.T) {
+	for _, acked := range []bool{false, true} {
+		t.Run(fmt.Sprintf("acks=%v", acked), func(t *testing.T) {
+			m := miniredis.RunT(t)
+			c := redis.NewClient(&redis.Options{Addr: m.Addr(), ContextTimeoutEnabled: true})
+			h := &holdOnce{}
+			c.AddHook(h)
+			t.Cleanup(func() { c.Close() })
+			opts := []RedisOption{WithPipelining(2), WithRedisLogger(nil)}
+			if acked {
+				opts = append(opts, WithReplicaAcks(1, 10*time.Millisecond))
+			}
+			s := NewRedisStore(c, opts...)
+			p := s.pipe
+			if acked {
+				p = s.ackedPipe
+			}
+			ctx := context.Background()
+			claim := func(key string) error {
+				r, err := s.Claim(ctx, key, "tok-"+key, []byte("rec"), time.Minute)
+				if acked && errors.Is(err, ErrNotReplicated) {
+					return nil // miniredis has no replica: sent, then refused
+				}
+				if err == nil && !r.Claimed {
+					err = fmt.Errorf("%s not claimed", key)
+				}
+				return err
+			}
+			sentBySenders := func() int {
+				p.mu.Lock()
+				defer p.mu.Unlock()
+				return p.queuedSent
+			}
+			if err := claim("lone"); err != nil {
+				t.Fatal(err)
+			}
+			if n := sentBySenders(); n != 0 {
+				t.Fatalf("a lone call was queued for a sender (%d sent so)", n)
+			}
+			// Hold the next lone call in the hook; one made meanwhile is
+			// queued and sent by a sender.
+			held, release := h.holdNext()
+			first := make(chan error, 1)
+			go func() { first <- claim("held") }()
+			<-held
+			if err := claim("meanwhile"); err != nil {
+				t.Fatal(err)
+			}
+			if n := sentBySenders(); n != 1 {
+				t.Fatalf("%d calls sent by senders, want 1: the call made meanwhile", n)
+			}
+			close(release)
+			if err := <-first; err != nil {
+				t.Fatal(err)
+			}
+			p.mu.Lock()
+			solo := p.solo
+			p.mu.Unlock()
+			if solo {
+				t.Fatal("the lone call's turn did not end")
+			}
+		})
+	}
+}
+
+// holdOnce holds the next EVALSHA, sent alone or in a pipeline, until
+// released.
+type holdOnce struct {
+	mu            sync.Mutex
+	held, release chan struct{}
+}
+
+func (h *holdOnce) holdNext() (held, release chan struct{}) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.held, h.release = make(chan struct{}), make(chan struct{})
+	return h.held, h.release
+}
+
+func (h *holdOnce) wait(cmds ...redis.Cmder) {
+	for _, c := range cmds {
+		if c.Name() != "evalsha" {
+			continue
+		}
+		h.mu.Lock()
+		held, release := h.held, h.release
+		h.held, h.release = nil, nil
+		h.mu.Unlock()
+		if held != nil {
+			close(held)
+			<-release
+		}
+		return
+	}
+}
+
+func (h *holdOnce) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *holdOnce) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.wait(cmd)
+		return next(ctx, cmd)
+	}
+}
+
+func (h *holdOnce) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		h.wait(cmds...)
+		return next(ctx, cmds)
 	}
 }

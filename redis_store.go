@@ -138,9 +138,9 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 	}
 	s.bounded = contextTimeoutEnabled(client) == 1
 	if p, ok := client.(pipeliner); ok && s.pipelines > 0 {
-		s.pipe = newAutoPipeline(p, s.pipelines, acks{})
+		s.pipe = newAutoPipeline(p, s.pipelines, acks{}, s.runAlone)
 		if !s.acks.none() && !routesByKey(client) {
-			s.ackedPipe = newAutoPipeline(p, s.pipelines, s.acks)
+			s.ackedPipe = newAutoPipeline(p, s.pipelines, s.acks, s.runAckedAlone)
 		}
 	}
 	if s.acks.fsync && s.logger != nil {
@@ -160,19 +160,24 @@ func (s *RedisStore) run(ctx context.Context, script *redis.Script, key string, 
 		cmd, _ := s.pipe.run(ctx, script, key, args)
 		return cmd
 	}
+	cmd, _ := s.runAlone(ctx, script, key, args)
+	return cmd
+}
+
+// runAlone sends script as a command of its own, bounded by ctx even when
+// the client would wait for its own ReadTimeout (with a goroutine).
+func (s *RedisStore) runAlone(ctx context.Context, script *redis.Script, key string, args []any) (*redis.Cmd, *redis.Cmd) {
 	keys := []string{key}
 	if s.bounded || ctx.Done() == nil {
-		return script.Run(ctx, s.client, keys, args...)
+		return script.Run(ctx, s.client, keys, args...), nil
 	}
 	done := make(chan *redis.Cmd, 1)
 	go func() { done <- script.Run(ctx, s.client, keys, args...) }()
 	select {
 	case cmd := <-done:
-		return cmd
+		return cmd, nil
 	case <-ctx.Done():
-		cmd := redis.NewCmd(ctx)
-		cmd.SetErr(ctx.Err())
-		return cmd
+		return errCmd(ctx, ctx.Err()), nil
 	}
 }
 
