@@ -62,6 +62,11 @@ type autoPipeline struct {
 	senders int  // sending goroutines, at most max
 	idle    int  // of them, those waiting for calls to queue
 	solo    bool // a call is being sent alone
+	// lastBatch is the number of calls in the last pipeline a sender sent.
+	lastBatch int
+	// bounded: the client honours its calls' contexts itself, so a call
+	// sent alone needs no goroutine to bound it.
+	bounded bool
 	// queuedSent counts the calls the senders took from the queue (tests).
 	queuedSent int
 	// wake wakes an idle sender: a token is sent, under mu, for each
@@ -99,8 +104,8 @@ func (c *pipedCall) free() {
 	pipedCalls.Put(c)
 }
 
-func newAutoPipeline(client pipeliner, max int, a acks, alone sendAlone) *autoPipeline {
-	return &autoPipeline{client: client, max: max, acks: a, alone: alone, wake: make(chan struct{}, max)}
+func newAutoPipeline(client pipeliner, max int, a acks, alone sendAlone, bounded bool) *autoPipeline {
+	return &autoPipeline{client: client, max: max, acks: a, alone: alone, bounded: bounded, wake: make(chan struct{}, max)}
 }
 
 // sendAlone sends one script call (and its acknowledgement commands) on
@@ -127,12 +132,16 @@ func (p *autoPipeline) run(ctx context.Context, script *redis.Script, key string
 		}
 	}
 	p.mu.Lock()
-	if p.alone != nil && !p.solo && len(p.queue) == 0 && p.senders == p.idle {
-		// Nothing queued and nothing in flight: no call to share a
-		// pipeline with, so send this one from the caller's goroutine,
-		// without the two goroutine handoffs a sender costs (measured: a
-		// lone first call took 1.5 round trips longer handed off). The
-		// calls that come meanwhile queue for a sender, as usual.
+	if p.alone != nil && !p.solo && p.lastBatch <= 1 && len(p.queue) == 0 && p.senders == p.idle && (p.bounded || ctx.Done() == nil) {
+		// Nothing queued, nothing in flight, and the last pipelines
+		// carried one call each (no concurrency to share them): send this
+		// call from the caller's goroutine, without the two goroutine
+		// handoffs a sender costs (measured: a lone first call took 1.5
+		// round trips longer handed off). Only where that is cheap: a
+		// client that honours ctx itself, or a ctx that never ends (else
+		// bounding it would take a goroutine, a handoff too). The calls
+		// that come meanwhile queue for a sender, as usual; once they
+		// share pipelines, calls stop going alone until the load drops.
 		p.solo = true
 		p.mu.Unlock()
 		c.free()
@@ -235,6 +244,7 @@ func (p *autoPipeline) send() {
 			c.queued = false
 		}
 		p.queuedSent += len(batch)
+		p.lastBatch = len(batch)
 		p.mu.Unlock()
 		p.exec(batch)
 	}

@@ -677,11 +677,37 @@ func TestPipelineLoneCallGoesAlone(t *testing.T) {
 			}
 			p.mu.Lock()
 			solo := p.solo
+			// As if the last pipeline had been shared: the next lone call
+			// is queued for a sender too.
+			p.lastBatch = 5
 			p.mu.Unlock()
 			if solo {
 				t.Fatal("the lone call's turn did not end")
 			}
+			if err := claim("after-a-shared-pipeline"); err != nil {
+				t.Fatal(err)
+			}
+			if n := sentBySenders(); n != 2 {
+				t.Fatalf("%d calls sent by senders, want 2: after a shared pipeline, a lone call is queued", n)
+			}
 		})
+	}
+	// A client that does not honour contexts itself: a lone call is queued
+	// too, since bounding it alone would cost a goroutine.
+	m := miniredis.RunT(t)
+	c := redis.NewClient(&redis.Options{Addr: m.Addr()})
+	t.Cleanup(func() { c.Close() })
+	s := NewRedisStore(c, WithRedisLogger(nil))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := s.Claim(ctx, "k", "tok", []byte("rec"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	s.pipe.mu.Lock()
+	n := s.pipe.queuedSent
+	s.pipe.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("unbounded client: %d calls sent by senders, want 1", n)
 	}
 }
 

@@ -138,9 +138,9 @@ func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 	}
 	s.bounded = contextTimeoutEnabled(client) == 1
 	if p, ok := client.(pipeliner); ok && s.pipelines > 0 {
-		s.pipe = newAutoPipeline(p, s.pipelines, acks{}, s.runAlone)
+		s.pipe = newAutoPipeline(p, s.pipelines, acks{}, s.runAlone, s.bounded)
 		if !s.acks.none() && !routesByKey(client) {
-			s.ackedPipe = newAutoPipeline(p, s.pipelines, s.acks, s.runAckedAlone)
+			s.ackedPipe = newAutoPipeline(p, s.pipelines, s.acks, s.runAckedAlone, s.bounded)
 		}
 	}
 	if s.acks.fsync && s.logger != nil {
