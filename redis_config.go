@@ -103,8 +103,9 @@ type masterIterator interface {
 //   - a go-redis client created without ContextTimeoutEnabled, which waits
 //     for its own ReadTimeout instead of the deadlines the interceptor sets
 //     (the store then bounds such calls itself, with a goroutine per call:
-//     every renewal try, and with WithPipelining(0) or acknowledgements
-//     every call; pipelined calls wait on their own context at no cost).
+//     every renewal try, and every call with WithPipelining(0) or, on a
+//     Cluster or a Ring, with acknowledgements; pipelined calls wait on
+//     their own context at no cost).
 //
 // The store runs it once, in the background, on first use (at construction
 // with WithFsyncAcks), and logs each warning at Warn (see
@@ -113,7 +114,7 @@ func (s *RedisStore) CheckConfig(ctx context.Context) []string {
 	var warnings []string
 	switch contextTimeoutEnabled(s.client) {
 	case 0:
-		warnings = append(warnings, "the go-redis client was created without ContextTimeoutEnabled: true, so it ignores context deadlines and waits for its ReadTimeout; the store bounds its renewals (and, unpipelined or with acknowledgements, every call) itself, with a goroutine per call. Set ContextTimeoutEnabled: true in the client options")
+		warnings = append(warnings, "the go-redis client was created without ContextTimeoutEnabled: true, so it ignores context deadlines and waits for its ReadTimeout; the store bounds its renewals (and every call when unpipelined, or acknowledged on a Cluster or a Ring) itself, with a goroutine per call. Set ContextTimeoutEnabled: true in the client options")
 	case -1:
 		// A wrapper of unknown type: the store bounds its calls itself, and
 		// that is all that matters; nothing to tell.

@@ -31,8 +31,9 @@ const (
 // writes, releases) in go-redis pipelines shared by the calls in flight: a
 // call queues its script and waits for its reply, or for its own context
 // to end, whichever comes first. A pipeline starts at once when fewer than
-// max are in flight, so a call alone is sent without delay; under load,
-// the calls that queue while the pipelines are out go together in the next
+// max are in flight, so no call waits for a slot while one is free (and a
+// call alone may be sent from its own goroutine: see run); under load, the
+// calls that queue while the pipelines are out go together in the next
 // one. Each pipeline is one write and one read per connection, for the
 // store and for Redis, instead of one per call.
 //

@@ -102,18 +102,20 @@ func WithRedisLogger(l *slog.Logger) RedisOption {
 // most: the claims, outcome writes and releases of concurrent calls are
 // sent together, one write and one read per pipeline instead of one per
 // call, which costs the server and Redis less per call (docs/PERFORMANCE.md).
-// A call alone is sent at once, in a pipeline of its own, and a call waits
-// for its reply only as long as its context allows, whatever the client's
-// ContextTimeoutEnabled. The script calls are the same either way, so
-// records, round trips per call and every guarantee are unchanged; go-redis
-// hooks see pipelines, without the calls' contexts. 0 sends each script
-// call on its own, as a single command on the caller's context. Default
-// [DefaultPipelines]. With [WithReplicaAcks] or [WithFsyncAcks], the
-// claims and outcome writes go in pipelines of their own, each ending with
-// one WAIT (or WAIT and WAITAOF), which answers for every write in it; on
-// a Cluster or a Ring, whose WAIT must reach each key's own node, they are
-// not pipelined. It does not apply to a
-// client that cannot pipeline. Panics if n is negative.
+// A call alone (nothing queued or in flight, and no pipeline shared
+// lately) is sent at once as a single command from its caller's goroutine
+// when the client honours contexts itself, and otherwise in a pipeline of
+// its own; a call waits for its reply only as long as its context allows,
+// whatever the client's ContextTimeoutEnabled. The script calls are the
+// same either way, so records, script calls per call and every guarantee
+// are unchanged; go-redis hooks see pipelines, without the calls'
+// contexts. 0 sends each script call on its own, as a single command on
+// the caller's context. Default [DefaultPipelines]. With [WithReplicaAcks]
+// or [WithFsyncAcks], the claims and outcome writes go in pipelines of
+// their own, each ending with one WAIT (or WAIT and WAITAOF), which
+// answers for every write in it; on a Cluster or a Ring, whose WAIT must
+// reach each key's own node, they are not pipelined. It does not apply to
+// a client that cannot pipeline. Panics if n is negative.
 func WithPipelining(n int) RedisOption {
 	if n < 0 {
 		badOption("WithPipelining", n, "the number of pipelines must not be negative (0 turns pipelining off)")
@@ -125,9 +127,10 @@ func WithPipelining(n int) RedisOption {
 // redis.UniversalClient: a *redis.Client, a Sentinel failover client or a
 // *redis.ClusterClient all work. Create the client with
 // ContextTimeoutEnabled: true, so that go-redis itself honours the deadlines
-// the interceptor sets (the renewals' tries, and every call with
-// WithPipelining(0) or acknowledgements). Without it go-redis waits for its
-// own ReadTimeout instead, and the store bounds such a call itself, at the
+// the interceptor sets (the renewals' tries, and the calls it sends as
+// single commands: all of them with WithPipelining(0), the acknowledged
+// ones on a Cluster or a Ring). Without it go-redis waits for its own
+// ReadTimeout instead, and the store bounds such a call itself, at the
 // cost of a goroutine per call.
 func NewRedisStore(client redis.Scripter, opts ...RedisOption) *RedisStore {
 	s := &RedisStore{client: client, prefix: DefaultKeyPrefix, logger: slog.Default(), pipelines: DefaultPipelines}
