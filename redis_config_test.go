@@ -113,43 +113,7 @@ func TestRedisEvictionPolicyWarning(t *testing.T) {
 // itself.
 func TestStoreBoundsCallsWhenClientIgnoresDeadlines(t *testing.T) {
 	t.Parallel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A Redis that accepts connections, reads everything and answers
-	// nothing.
-	var (
-		mu     sync.Mutex
-		conns  []net.Conn
-		closed bool
-	)
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		defer mu.Unlock()
-		closed = true
-		for _, c := range conns {
-			c.Close()
-		}
-	})
-	go func() {
-		for {
-			conn, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			if closed {
-				conn.Close()
-			} else {
-				conns = append(conns, conn)
-			}
-			mu.Unlock()
-			go func() { _, _ = io.Copy(io.Discard, conn) }()
-		}
-	}()
-	c := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), ReadTimeout: time.Hour, WriteTimeout: time.Hour,
+	c := redis.NewClient(&redis.Options{Addr: silentRedis(t), ReadTimeout: time.Hour, WriteTimeout: time.Hour,
 		DialTimeout: time.Hour, MaxRetries: -1, Protocol: 2, DisableIdentity: true})
 	t.Cleanup(func() { c.Close() })
 	store := NewRedisStore(c, WithRedisLogger(nil))
@@ -195,4 +159,46 @@ func TestStoreBoundsCallsWhenClientIgnoresDeadlines(t *testing.T) {
 	if n := env.svc.Runs.Load(); n != 0 {
 		t.Fatalf("handler ran %d times without a claim", n)
 	}
+}
+
+// silentRedis returns the address of a Redis that accepts connections,
+// reads everything and answers nothing (a hung server); the connections
+// are closed when the test ends.
+func silentRedis(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu     sync.Mutex
+		conns  []net.Conn
+		closed bool
+	)
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		closed = true
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			if closed {
+				conn.Close()
+			} else {
+				conns = append(conns, conn)
+			}
+			mu.Unlock()
+			go func() { _, _ = io.Copy(io.Discard, conn) }()
+		}
+	}()
+	return ln.Addr().String()
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -138,18 +137,6 @@ func queued(s *RedisStore) int {
 	return n
 }
 
-// waitFor polls cond until it holds, failing after a generous deadline.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // The calls that queue while a pipeline is out go together in the next
 // one, and each gets its own reply.
 func TestPipelineSendsQueuedCallsTogether(t *testing.T) {
@@ -179,7 +166,7 @@ func TestPipelineSendsQueuedCallsTogether(t *testing.T) {
 			results[i] <- result{r, err}
 		}()
 	}
-	waitFor(t, "20 queued calls", func() bool { return queued(s) == n })
+	waitUntil(t, "20 queued calls", func() bool { return queued(s) == n })
 	h.mu.Lock()
 	h.hold = nil
 	h.mu.Unlock()
@@ -232,7 +219,7 @@ func TestPipelineAbandonedCallIsNotSent(t *testing.T) {
 		_, err := s.Claim(ctx, "abandoned", "tok-a", []byte("rec"), time.Minute)
 		gone <- err
 	}()
-	waitFor(t, "the call to queue", func() bool { return queued(s) == 1 })
+	waitUntil(t, "the call to queue", func() bool { return queued(s) == 1 })
 	cancel()
 	// It returns while the pipeline ahead of it is still held: its wait
 	// is bounded by its own context, not by the store.
@@ -247,7 +234,7 @@ func TestPipelineAbandonedCallIsNotSent(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Another pipeline would have been needed to send it.
-	waitFor(t, "the sender to go idle", func() bool {
+	waitUntil(t, "the sender to go idle", func() bool {
 		s.pipe.mu.Lock()
 		defer s.pipe.mu.Unlock()
 		return s.pipe.idle == s.pipe.senders
@@ -406,32 +393,7 @@ func TestPipelinePanicIsAnError(t *testing.T) {
 // A hung server (accepts, never answers) holds no call past its context,
 // with a client that does not honour context deadlines itself.
 func TestPipelineHungServerBoundedByContext(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var conns []net.Conn
-	var mu sync.Mutex
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c) // read nothing, answer nothing
-			mu.Unlock()
-		}
-	}()
-	defer func() {
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-	}()
-	c := redis.NewClient(&redis.Options{Addr: ln.Addr().String(), ReadTimeout: time.Hour, WriteTimeout: time.Hour, MaxRetries: -1, Protocol: 2})
+	c := redis.NewClient(&redis.Options{Addr: silentRedis(t), ReadTimeout: time.Hour, WriteTimeout: time.Hour, MaxRetries: -1, Protocol: 2})
 	defer c.Close()
 	s := NewRedisStore(c, WithRedisLogger(nil))
 	var wg sync.WaitGroup
@@ -460,7 +422,7 @@ func TestPipelineSendersEndWhenIdle(t *testing.T) {
 	if _, err := s.Claim(context.Background(), "k", "tok", []byte("rec"), time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the senders to end", func() bool {
+	waitUntil(t, "the senders to end", func() bool {
 		s.pipe.mu.Lock()
 		defer s.pipe.mu.Unlock()
 		return s.pipe.senders == 0 && s.pipe.idle == 0
@@ -506,7 +468,7 @@ func TestPipelineSplitsLongQueues(t *testing.T) {
 				wg.Add(1)
 				go claim(fmt.Sprintf("%s-%d", tc.name, i), tc.record)
 			}
-			waitFor(t, "the calls to queue", func() bool { return queued(s) == tc.calls })
+			waitUntil(t, "the calls to queue", func() bool { return queued(s) == tc.calls })
 			h.mu.Lock()
 			h.hold = nil
 			h.mu.Unlock()
@@ -550,7 +512,7 @@ func queueClaims(t *testing.T, s *RedisStore, h *pipelineHook, keys []string) []
 		wg.Add(1)
 		go claim(i, k)
 	}
-	waitFor(t, "the claims to queue", func() bool { return queued(s) == len(keys) })
+	waitUntil(t, "the claims to queue", func() bool { return queued(s) == len(keys) })
 	h.mu.Lock()
 	h.hold = nil
 	h.mu.Unlock()
