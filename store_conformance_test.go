@@ -25,8 +25,9 @@ func conformancePrefix() string {
 // the memory store (on a clock the suite moves; in real time too under
 // IDEMPOTENCY_LONG), Redis on miniredis (its clock moved with FastForward),
 // a real redis-server (with and without pipelining) and a real 3-master
-// Redis Cluster (in real time). The stores run side by side: the real-time
-// ones mostly wait out leases.
+// Redis Cluster (in real time). The stores run side by side, and so do the
+// real-time ones' rules (each on a key prefix of its own): they mostly wait
+// out leases.
 func TestStoreConformance(t *testing.T) {
 	t.Parallel()
 	t.Run("memory", func(t *testing.T) {
@@ -43,7 +44,7 @@ func TestStoreConformance(t *testing.T) {
 		idempotency.SkipUnlessLongForTest(t)
 		t.Parallel()
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
-			return idempotencytest.Harness{Store: idempotency.NewMemoryStore()}
+			return idempotencytest.Harness{Store: idempotency.NewMemoryStore(), Parallel: true}
 		})
 	})
 	t.Run("miniredis", func(t *testing.T) {
@@ -63,7 +64,7 @@ func TestStoreConformance(t *testing.T) {
 		c := redis.NewClient(&redis.Options{Addr: idempotency.SharedRedisAddrForTest(t), ContextTimeoutEnabled: true})
 		t.Cleanup(func() { c.Close() })
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
-			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil))}
+			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil)), Parallel: true}
 		})
 	})
 	t.Run("redis-server-unpipelined", func(t *testing.T) {
@@ -73,7 +74,7 @@ func TestStoreConformance(t *testing.T) {
 		c := redis.NewClient(&redis.Options{Addr: idempotency.SharedRedisAddrForTest(t)})
 		t.Cleanup(func() { c.Close() })
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
-			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithPipelining(0), idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil))}
+			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithPipelining(0), idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil)), Parallel: true}
 		})
 	})
 	t.Run("redis-cluster", func(t *testing.T) {
@@ -86,7 +87,7 @@ func TestStoreConformance(t *testing.T) {
 			t.Fatalf("cluster: %v", err)
 		}
 		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
-			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil))}
+			return idempotencytest.Harness{Store: idempotency.NewRedisStore(c, idempotency.WithKeyPrefix(conformancePrefix()), idempotency.WithRedisLogger(nil)), Parallel: true}
 		})
 	})
 }

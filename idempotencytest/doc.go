@@ -10,14 +10,16 @@
 // Run it from a test of your store, giving it a fresh store (or a fresh
 // namespace) per call, and, if the store's clock can be moved, a way to move
 // it; otherwise the suite waits in real time with short leases (a few
-// seconds in all):
+// seconds in all, or about the longest rule's 2 s when the stores are
+// independent and Parallel is set):
 //
 //	func TestMyStoreConformance(t *testing.T) {
 //		idempotencytest.RunStoreTests(t, func(t *testing.T) idempotencytest.Harness {
 //			db := startMyDatabase(t)
 //			return idempotencytest.Harness{
-//				Store:   mystore.New(db, mystore.WithTable(t.Name())),
-//				Advance: nil, // or a fake clock's Advance
+//				Store:    mystore.New(db, mystore.WithTable(t.Name())),
+//				Advance:  nil,  // or a fake clock's Advance
+//				Parallel: true, // each rule's store has a table of its own
 //			}
 //		})
 //	}

@@ -24,6 +24,13 @@ type Harness struct {
 	// FastForward, a fake clock's Advance. Nil: the suite waits in real
 	// time, with leases of a few hundred milliseconds.
 	Advance func(d time.Duration)
+	// Parallel runs the rules side by side (t.Parallel, once newStore has
+	// returned), up to go test's -parallel at a time, so that in real time
+	// the suite waits out its leases once rather than once per rule. Set
+	// it only when the stores newStore makes share nothing that a rule
+	// could see (each on a table, key prefix or server of its own): the
+	// rules' keys differ, but a rule may assume its store starts empty.
+	Parallel bool
 }
 
 // RunStoreTests runs the Store contract against the stores newStore makes:
@@ -34,6 +41,9 @@ func RunStoreTests(t *testing.T, newStore func(t *testing.T) Harness) {
 		t.Run(r.name, func(t *testing.T) {
 			h := newStore(t)
 			require.NotNil(t, h.Store, "the harness has no store")
+			if h.Parallel {
+				t.Parallel()
+			}
 			r.run(&run{t: t, h: h, ctx: context.Background()})
 		})
 	}

@@ -2,8 +2,11 @@ package idempotencypg
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"os"
+	"runtime"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -13,6 +16,15 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// Four t.Parallel tests per CPU unless go test is given -parallel, as
+	// in the core module (harness_test.go): they wait on leases, timeouts
+	// and the server far more than they compute.
+	flag.Parse()
+	given := false
+	flag.Visit(func(f *flag.Flag) { given = given || f.Name == "test.parallel" })
+	if !given {
+		_ = flag.Set("test.parallel", strconv.Itoa(4*runtime.GOMAXPROCS(0)))
+	}
 	code := m.Run()
 	pgtest.StopShared()
 	os.Exit(code)
