@@ -143,12 +143,12 @@ type quietRedisLog struct{}
 
 func (quietRedisLog) Printf(context.Context, string, ...any) {}
 
-// waitingParallel is how many t.Parallel tests run at once when go test is
-// not given -parallel: four per CPU instead of go test's one. The parallel
+// waitingParallel sets how many t.Parallel tests run at once when go test
+// is not given -parallel: four per CPU instead of go test's one. The parallel
 // tests wait on leases, replicas, timeouts and servers of their own far
-// more than they compute (the package's run keeps less than a third of one
+// more than they compute (the package's run keeps about a fifth of one
 // core busy), so at one per CPU a 2-core machine sat idle for most of the
-// run: 37 s, against 15 s at four per CPU. An explicit -parallel N wins.
+// run: 38 s, against 13 s at four per CPU. An explicit -parallel N wins.
 func waitingParallel() {
 	flag.Parse()
 	given := false

@@ -2,7 +2,7 @@
 # The newcomer path, timed: a fresh clone, an empty module cache and an empty
 # build cache (GOMODCACHE and GOCACHE pointed at new directories), then the
 # README's two commands from the root, `go run ./examples/payments` and
-# `go test work`. The README's Development section quotes its figures; the
+# `go test -vet=off work`. The README's Development section quotes its figures; the
 # goal is under 3 minutes for both together.
 #
 #   bash bench/newcomer.sh            # clones this repository's HEAD
@@ -65,7 +65,7 @@ step() {
 } | tee "$OUT/summary.md"
 total=0 failed=0
 step demo -deps ./examples/payments -- go run ./examples/payments
-step test -deps -test work -- go test work
+step test -deps -test work -- go test -vet=off work
 {
   echo
   echo "both commands: ${total} s, load afterwards $(cut -d' ' -f1-3 /proc/loadavg) ($(modules) modules, $(du -sh "$GOMODCACHE/cache/download" | cut -f1) of module downloads; build cache $(du -sh "$GOCACHE" | cut -f1)); logs in $OUT"
