@@ -27,7 +27,7 @@ import (
 // When a connection fails mid-query, pgx sends the server a CancelRequest
 // for it on a new connection (pgconn's asyncClose). Arriving before the
 // batch has run, it cancels the outcome write, and the COMMIT then rolls
-// back: in about 1 % of runs when this proxy forwarded it. With
+// back: in 3 of 600 runs when this proxy forwarded it. With
 // dropCancels the proxy forwards none, as when the network that lost the
 // reply loses the cancel too; cancels counts the CancelRequests seen.
 type cutProxy struct {
