@@ -88,13 +88,13 @@ func (p *cutProxy) serve(c net.Conn) {
 		return
 	}
 	go func() { _, _ = io.Copy(c, s); c.Close() }()
+	// The client's bytes: the first ones, read above, then the rest.
+	in := io.MultiReader(bytes.NewReader(bytes.Clone(buf[:n])), c)
 	cut := "" // the cut under way, once the COMMIT's batch has begun
-	for first := true; ; first = false {
-		if !first {
-			if n, err = c.Read(buf); err != nil {
-				s.Close()
-				return
-			}
+	for {
+		if n, err = in.Read(buf); err != nil {
+			s.Close()
+			return
 		}
 		if cut == "" && bytes.Contains(buf[:n], []byte("COMMIT")) {
 			p.mu.Lock()
